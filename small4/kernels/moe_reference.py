@@ -1,0 +1,38 @@
+"""Reference twin of the fused MoE kernel: routed experts applied to sorted token groups.
+
+Same signature as the Triton kernel: tokens [T, H], fused gate/up weights w13 [E, 2I, H] and down weights
+w2 [E, H, I] (dense here; FP8 with scales is dequantised by the caller), top-k expert ids and weights [T, k].
+Returns sum_k weight_k * down_e(silu(gate_e(x)) * up_e(x)). A loop over the experts that received tokens:
+slow and obviously correct.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fused_moe_reference(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    T, k = topk_ids.shape
+    out = torch.zeros_like(x)
+    flat_ids = topk_ids.reshape(-1)  # [T * k]
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        slots = order[start : start + count]  # positions in the flat [T * k] assignment list
+        start += count
+        tokens = slots // k
+        gate, up = F.linear(x[tokens], w13[expert]).chunk(2, dim=-1)  # [n, I] each
+        y = F.linear(F.silu(gate) * up, w2[expert])  # [n, H]
+        y = y * topk_weights.reshape(-1)[slots, None].to(y.dtype)
+        out.index_add_(0, tokens, y)
+    return out

@@ -1,0 +1,65 @@
+"""The Mistral Small 4 decoder: embeddings, 36 (MLA + MoE) layers, final norm, untied lm_head.
+
+``forward`` works on one flat batch of tokens (many sequences, mixed prefill chunks and decodes) described by an
+``AttentionMetadata``; the runner owns the latent caches and passes one tensor per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from small4.config import ModelConfig, TextConfig
+from small4.model.attention import AttnImpl, MLAttention
+from small4.model.context import AttentionMetadata
+from small4.model.layers import RMSNorm, RotaryEmbedding
+from small4.model.moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg)
+
+    def forward(self, x, positions, meta, kv_cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Mistral4Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        cfg = config.text
+        self.config = config
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.requires_grad_(False)
+
+    def set_attn_impl(self, impl: AttnImpl) -> None:
+        for layer in self.layers:
+            layer.self_attn.impl = impl
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids / positions [T] -> final-normed hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, meta, None if kv_caches is None else kv_caches[i])
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> float32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()

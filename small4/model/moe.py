@@ -1,0 +1,68 @@
+"""The MoE block: softmax router, top-k (renormalised, scaled), routed experts plus the shared expert.
+
+The module owns the math and the parameters; the expert computation itself is a kernel call, so the Triton
+fused MoE and its reference twin are interchangeable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from small4.config import TextConfig
+from small4.kernels.moe_reference import fused_moe_reference
+from small4.model.layers import SwiGLU
+from small4.weights.quant import dequantize_fp8
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts, keep the top k, renormalise them to sum to one, scale. -> (ids, weights) [T, k]."""
+    scores = router_logits.softmax(dim=-1)  # [T, E]
+    weights, ids = torch.topk(scores, k=top_k, dim=-1)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts as two stacked tensors; FP8 weights keep their per-expert scales beside them."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
+        self.w13_scale: torch.Tensor | None = None  # [E, 2, 1]: one scale per expert and per gate/up half
+        self.w2_scale: torch.Tensor | None = None  # [E, 1, 1]
+
+    def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.w13_scale is None:
+            return self.w13.to(dtype), self.w2.to(dtype)
+        return dequantize_fp8(self.w13, self.w13_scale, dtype), dequantize_fp8(self.w2, self.w2_scale, dtype)
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        w13, w2 = self.dense(x.dtype)
+        return fused_moe_reference(x, w13, w2, topk_ids, topk_weights)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate.weight.requires_grad_(False)
+        self.experts = RoutedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        shared = cfg.moe_intermediate_size * cfg.num_shared_experts
+        self.shared_experts = SwiGLU(cfg.hidden_size, shared) if cfg.num_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.gate.weight.to(x.dtype))  # [T, E]
+        ids, weights = route(
+            logits, self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob, self.cfg.routed_scaling_factor
+        )
+        out = self.experts(x, ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

@@ -1,0 +1,183 @@
+"""Checkpoint tensor names -> where they land in small4's model, for both layouts.
+
+A checkpoint tensor is a ``(base, role)`` pair: ``base`` names one weight (``layers.3.attention.wq_a``), ``role``
+says whether the tensor is that weight, its FP8 scale or its static activation scale. Each base maps to a
+``Destination``: a parameter of the model and the slice of it the tensor fills (fused gate/up halves, one expert of
+a stacked expert tensor) plus where its scale goes when the weight stays FP8.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from small4.config import ModelConfig
+
+Index = tuple[int | slice, ...]
+
+# Tensors that belong to the vision tower and projector: loaded by the vision model, not the decoder.
+VISION_PREFIXES = (
+    "model.vision_tower.",
+    "vision_tower.",
+    "model.multi_modal_projector.",
+    "multi_modal_projector.",
+    "vision_encoder.",
+    "vision_language_adapter.",
+    "patch_merger.",
+    "pre_mm_projector_norm.",
+)
+
+_ROLE_SUFFIXES = (
+    # (suffix, role); longest first so "weight_scale_inv" wins over "weight"
+    (".weight_scale_inv", "scale"),
+    (".qscale_weight", "scale"),
+    (".activation_scale", "input_scale"),
+    (".input_scale", "input_scale"),
+    (".qscale_act", "input_scale"),
+    (".weight", "weight"),
+    ("_scale_inv", "scale"),
+    ("_activation_scale", "input_scale"),
+)
+
+
+@dataclass(frozen=True)
+class Destination:
+    module: str  # dotted module path in Mistral4Model, e.g. "layers.0.self_attn.q_a_proj"
+    param: str  # "weight", "w13" or "w2"
+    index: Index = ()  # slice of the parameter this tensor fills
+    scale_shape: tuple[int, ...] = ()  # full scale tensor of the parameter when kept in FP8
+    scale_index: Index = ()  # where this tensor's scale goes inside it
+    quantizable: bool = True  # False: always dequantised (norms, router, embeddings, lm_head)
+
+
+def split_role(name: str) -> tuple[str, str]:
+    """'layers.0.attention.wq_a.qscale_weight' -> ('layers.0.attention.wq_a', 'scale')."""
+    for suffix, role in _ROLE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], role
+    if re.search(r"experts\.(gate_up_proj|down_proj)$", name):
+        return name, "weight"
+    return name, "unknown"
+
+
+def is_vision(name: str) -> bool:
+    return name.startswith(VISION_PREFIXES)
+
+
+_HF_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+_HF_ATTN = (
+    "q_a_proj",
+    "q_a_layernorm",
+    "q_b_proj",
+    "q_proj",
+    "kv_a_proj_with_mqa",
+    "kv_a_layernorm",
+    "kv_b_proj",
+    "o_proj",
+)
+_NATIVE_ATTN = {
+    "wq_a": "q_a_proj",
+    "q_a_norm": "q_a_layernorm",
+    "wq_b": "q_b_proj",
+    "wq": "q_proj",
+    "wkv_a_with_mqa": "kv_a_proj_with_mqa",
+    "kv_a_norm": "kv_a_layernorm",
+    "wkv_b": "kv_b_proj",
+    "wo": "o_proj",
+}
+_NATIVE_EXPERT = {"w1": ("gate", 0), "w3": ("up", 1), "w2": ("down", None)}
+_HF_EXPERT = {"gate_proj": ("gate", 0), "up_proj": ("up", 1), "down_proj": ("down", None)}
+
+
+class NameMapper:
+    """Maps a checkpoint base name of either layout to its Destination (None: not a decoder tensor)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        t = config.text
+        self.E, self.I, self.layout = t.num_experts, t.moe_intermediate_size, config.layout
+        self.shared_I = t.moe_intermediate_size * t.num_shared_experts
+
+    def map(self, base: str) -> Destination | None:
+        if self.layout == "mistral":
+            return self._map_native(base)
+        return self._map_hf(base)
+
+    def _map_hf(self, base: str) -> Destination | None:
+        if base in ("lm_head", "language_model.lm_head"):
+            return Destination("lm_head", "weight", quantizable=False)
+        for prefix in _HF_TEXT_PREFIXES:
+            if base.startswith(prefix):
+                base = base[len(prefix) :]
+                break
+        else:
+            return None
+        if base in ("embed_tokens", "norm"):
+            return Destination(base, "weight", quantizable=False)
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", base)
+        if not m:
+            return None
+        layer, rest = f"layers.{m.group(1)}", m.group(2)
+        if rest in ("input_layernorm", "post_attention_layernorm"):
+            return Destination(f"{layer}.{rest}", "weight", quantizable=False)
+        if rest.startswith("self_attn.") and rest[len("self_attn.") :] in _HF_ATTN:
+            return self._attn(f"{layer}.{rest}")
+        if rest == "mlp.gate":
+            return Destination(f"{layer}.mlp.gate", "weight", quantizable=False)
+        if rest == "mlp.experts.gate_up_proj":
+            return Destination(f"{layer}.mlp.experts", "w13", scale_shape=(self.E, 2, 1))
+        if rest == "mlp.experts.down_proj":
+            return Destination(f"{layer}.mlp.experts", "w2", scale_shape=(self.E, 1, 1))
+        m = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)", rest)
+        if m:
+            return self._expert(layer, int(m.group(1)), *_HF_EXPERT[m.group(2)])
+        m = re.fullmatch(r"mlp\.shared_experts\.(gate_proj|up_proj|down_proj)", rest)
+        if m:
+            return self._shared(layer, *_HF_EXPERT[m.group(1)])
+        return None
+
+    def _map_native(self, base: str) -> Destination | None:
+        if base in ("tok_embeddings", "norm", "output"):
+            name = {"tok_embeddings": "embed_tokens", "norm": "norm", "output": "lm_head"}[base]
+            return Destination(name, "weight", quantizable=False)
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", base)
+        if not m:
+            return None
+        layer, rest = f"layers.{m.group(1)}", m.group(2)
+        if rest in ("attention_norm", "ffn_norm"):
+            norm = "input_layernorm" if rest == "attention_norm" else "post_attention_layernorm"
+            return Destination(f"{layer}.{norm}", "weight", quantizable=False)
+        m2 = re.fullmatch(r"attention\.(\w+)", rest)
+        if m2 and m2.group(1) in _NATIVE_ATTN:
+            return self._attn(f"{layer}.self_attn.{_NATIVE_ATTN[m2.group(1)]}")
+        if rest == "gate":
+            return Destination(f"{layer}.mlp.gate", "weight", quantizable=False)
+        m2 = re.fullmatch(r"experts\.(\d+)\.(w1|w2|w3)", rest)
+        if m2:
+            return self._expert(layer, int(m2.group(1)), *_NATIVE_EXPERT[m2.group(2)])
+        m2 = re.fullmatch(r"shared_experts\.(w1|w2|w3)", rest)
+        if m2:
+            return self._shared(layer, *_NATIVE_EXPERT[m2.group(1)])
+        return None
+
+    @staticmethod
+    def _attn(module: str) -> Destination:
+        is_norm = module.endswith("layernorm")
+        return Destination(module, "weight", quantizable=not is_norm)
+
+    def _expert(self, layer: str, e: int, kind: str, half: int | None) -> Destination | None:
+        if e >= self.E:
+            return None
+        module = f"{layer}.mlp.experts"
+        if kind == "down":
+            return Destination(module, "w2", (e,), (self.E, 1, 1), (e, 0, 0))
+        rows = slice(half * self.I, (half + 1) * self.I)
+        return Destination(module, "w13", (e, rows), (self.E, 2, 1), (e, half, 0))
+
+    def _shared(self, layer: str, kind: str, half: int | None) -> Destination | None:
+        if not self.shared_I:
+            return None
+        module = f"{layer}.mlp.shared_experts"
+        if kind == "down":
+            return Destination(f"{module}.down", "weight")
+        rows = slice(half * self.shared_I, (half + 1) * self.shared_I)
+        return Destination(f"{module}.gate_up", "weight", (rows,), (2, 1), (half, 0))

@@ -1,0 +1,139 @@
+"""Shared helpers for parity tests: the transformers oracle and a minimal paged-cache greedy loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from small4.model.context import AttentionMetadata
+from small4.model.mistral4 import Mistral4Model
+
+
+def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        sd.update(load_file(str(shard)))
+    return sd
+
+
+def dequantize_for_reference(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Independent FP8 reading for the oracle: stored value times its scale, scales broadcast per half/expert."""
+    out = {}
+    for name, t in sd.items():
+        if name.endswith(("_scale_inv", ".activation_scale", "_activation_scale", ".qscale_weight", ".qscale_act")):
+            continue
+        if t.dtype != torch.float8_e4m3fn:
+            out[name] = t.float()
+            continue
+        if name.endswith(".weight"):
+            base = name[: -len(".weight")]
+            scale = sd.get(base + ".weight_scale_inv", sd.get(base + ".qscale_weight"))
+            out[name] = t.float() * scale.float()
+        else:  # fused experts [E, R, H] with scales [E, halves, 1]
+            scale = sd[name + "_scale_inv"].float()
+            rows = t.shape[1] // scale.shape[1]
+            out[name] = t.float() * scale.repeat_interleave(rows, dim=1)
+    return out
+
+
+_NATIVE_TO_HF_ATTN = {
+    "wq_a": "q_a_proj",
+    "q_a_norm": "q_a_layernorm",
+    "wq_b": "q_b_proj",
+    "wq": "q_proj",
+    "wkv_a_with_mqa": "kv_a_proj_with_mqa",
+    "kv_a_norm": "kv_a_layernorm",
+    "wkv_b": "kv_b_proj",
+    "wo": "o_proj",
+}
+
+
+def native_text_to_hf(sd: dict[str, torch.Tensor], num_layers: int, num_experts: int) -> dict[str, torch.Tensor]:
+    """Written independently of small4's loader: consolidated names -> transformers Mistral3 names (text only)."""
+    p = "model.language_model."
+    out = {
+        f"{p}embed_tokens.weight": sd["tok_embeddings.weight"],
+        f"{p}norm.weight": sd["norm.weight"],
+        "lm_head.weight": sd["output.weight"],
+    }
+    for i in range(num_layers):
+        n, h = f"layers.{i}.", f"{p}layers.{i}."
+        out[h + "input_layernorm.weight"] = sd[n + "attention_norm.weight"]
+        out[h + "post_attention_layernorm.weight"] = sd[n + "ffn_norm.weight"]
+        for nat, hf in _NATIVE_TO_HF_ATTN.items():
+            if n + f"attention.{nat}.weight" in sd:
+                out[h + f"self_attn.{hf}.weight"] = sd[n + f"attention.{nat}.weight"]
+        out[h + "mlp.gate.weight"] = sd[n + "gate.weight"]
+        out[h + "mlp.experts.gate_up_proj"] = torch.stack(
+            [
+                torch.cat([sd[n + f"experts.{e}.w1.weight"], sd[n + f"experts.{e}.w3.weight"]])
+                for e in range(num_experts)
+            ]
+        )
+        out[h + "mlp.experts.down_proj"] = torch.stack([sd[n + f"experts.{e}.w2.weight"] for e in range(num_experts)])
+        for nat, hf in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            if n + f"shared_experts.{nat}.weight" in sd:
+                out[h + f"mlp.shared_experts.{hf}.weight"] = sd[n + f"shared_experts.{nat}.weight"]
+    return out
+
+
+def reference_model(hf_config: dict, text_state_dict: dict[str, torch.Tensor]):
+    """transformers' Mistral3ForConditionalGeneration in fp32 with the given text weights (vision left random)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    cfg = dict(hf_config)
+    cfg.pop("quantization_config", None)
+    model = Mistral3ForConditionalGeneration(Mistral3Config(**cfg)).float().eval()
+    missing, unexpected = model.load_state_dict(text_state_dict, strict=False)
+    assert not unexpected, unexpected
+    assert all("vision_tower" in k or "multi_modal_projector" in k for k in missing), missing
+    return model
+
+
+def hf_config_of(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+class PagedGreedy:
+    """Prefill then token-by-token greedy decode through small4's paged latent cache (no engine needed)."""
+
+    def __init__(self, model: Mistral4Model, block_size: int = 4, num_blocks: int = 64) -> None:
+        cfg = model.config.text
+        self.model, self.block_size = model, block_size
+        dtype = model.embed_tokens.weight.dtype
+        self.caches = [torch.zeros(num_blocks, block_size, cfg.latent_dim, dtype=dtype) for _ in range(cfg.num_layers)]
+        # a scrambled block order, so that paging bugs cannot hide behind contiguous blocks
+        self.block_table = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).to(torch.int32)
+
+    def _step(self, tokens: list[int], start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + len(tokens))
+        blocks = self.block_table[positions // self.block_size].long()
+        slots = blocks * self.block_size + positions % self.block_size
+        meta = AttentionMetadata(
+            query_start_loc=[0, len(tokens)],
+            seq_lens=[start + len(tokens)],
+            slot_mapping=slots,
+            block_tables=self.block_table[None],
+            block_size=self.block_size,
+        )
+        hidden = self.model(torch.tensor(tokens), positions, meta, self.caches)
+        return self.model.compute_logits(hidden)
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, chunk: int = 7) -> list[int]:
+        for start in range(0, len(prompt), chunk):
+            logits = self._step(prompt[start : start + chunk], start)
+        out = [int(logits[-1].argmax())]
+        while len(out) < max_new_tokens:
+            logits = self._step([out[-1]], len(prompt) + len(out) - 1)
+            out.append(int(logits[-1].argmax()))
+        return out
+
+
+@pytest.fixture
+def paged_greedy():
+    return PagedGreedy
