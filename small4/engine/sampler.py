@@ -274,9 +274,7 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, _NEG_INF)
 
 
-def _exponential_noise(
-    batch: SamplingBatch, rows: list[int], vocab: int, device: torch.device
-) -> torch.Tensor:
+def _exponential_noise(batch: SamplingBatch, rows: list[int], vocab: int, device: torch.device) -> torch.Tensor:
     """``Exp(1)`` noise ``[B, V]`` for the sampled rows: each seeded row from its own generator (so its draw
     does not depend on who else is in the batch), the unseeded ones in one draw from the global RNG."""
     noise = torch.ones(len(batch), vocab, device=device)  # [B, V]

@@ -122,9 +122,7 @@ def test_held_text_is_bounded_by_longest_stop() -> None:
     assert d.stopped == "aaaa" and d.text == ""
 
 
-def _reference(
-    tokens: list[int], stops: list[str], skip_special: bool, include: bool
-) -> tuple[str, str | None]:
+def _reference(tokens: list[int], stops: list[str], skip_special: bool, include: bool) -> tuple[str, str | None]:
     """Decode everything at once, then cut at the first position where some stop string ends."""
     data = b"".join(VOCAB[t] for t in tokens if not (skip_special and t in SPECIAL))
     full = data.decode("utf-8", errors="replace")

@@ -223,9 +223,7 @@ def test_all_masked_falls_back_to_eos(temperature: float) -> None:
         SamplingParams(temperature=temperature, min_tokens=4),  # grammar wants eos, min_tokens bans it
         SamplingParams(temperature=temperature),
     ]
-    batch = SamplingBatch.from_lists(
-        params, token_masks=[lambda: nothing, lambda: only_eos, None], eos_token_id=EOS
-    )
+    batch = SamplingBatch.from_lists(params, token_masks=[lambda: nothing, lambda: only_eos, None], eos_token_id=EOS)
     torch.manual_seed(0)
     out = Sampler()(_logits(3), batch)
     assert out.token_ids[:2] == [EOS, EOS]

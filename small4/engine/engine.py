@@ -1,0 +1,264 @@
+"""The engine: exactly one step loop (schedule -> forward -> sample -> emit), and the offline ``LLM`` API.
+
+Latency and throughput modes are settings of the same loop (``EngineConfig.profile``), never forks of it.
+The engine speaks token ids; text in and out goes through the ``Tokenizer`` it owns (for stop strings and
+offline prompts), chat rendering lives in ``chat/`` above it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from small4.config import EngineConfig
+from small4.engine.detokenizer import IncrementalDetokenizer
+from small4.engine.kv_cache import BlockManager
+from small4.engine.model_runner import ModelRunner
+from small4.engine.outputs import CompletionOutput, GenerationResult, RequestOutput
+from small4.engine.request import Request, RequestStatus
+from small4.engine.sampler import Sampler, SamplingBatch, TokenLogprobs, seeded_generator
+from small4.engine.sampling_params import SamplingParams
+from small4.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from small4.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+TokenMaskProvider = Callable[[list[int]], "torch.Tensor | None"]
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one sequence beside the scheduler's Request: detokenizer, RNG, grammar hook."""
+
+    request: Request
+    parent_id: str
+    index: int
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    token_mask: TokenMaskProvider | None
+    first_token_time: float | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, engine_cfg: EngineConfig | None = None) -> None:
+        self.engine_cfg = engine_cfg or EngineConfig()
+        self.tokenizer = Tokenizer.from_file(model_dir)
+        self.runner = ModelRunner(model_dir, self.engine_cfg)
+        text = self.runner.config.text
+        if self.tokenizer.vocab_size > text.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens, model only {text.vocab_size}")
+        self.max_model_len = min(
+            self.engine_cfg.max_model_len or text.max_position_embeddings, text.max_position_embeddings
+        )
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.engine_cfg.block_size, self.engine_cfg.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self._scheduler_config(), self.block_manager)
+        self.sampler = Sampler()
+        self.sequences: dict[str, _Sequence] = {}
+        self.children: dict[str, list[str]] = {}
+
+    def _scheduler_config(self) -> SchedulerConfig:
+        cfg = self.engine_cfg
+        budget = (
+            cfg.max_num_batched_tokens
+            if cfg.enable_chunked_prefill
+            else max(cfg.max_num_batched_tokens, self.max_model_len)
+        )
+        return SchedulerConfig(
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=budget,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=cfg.enable_chunked_prefill,
+            long_prefill_token_threshold=cfg.long_prefill_token_threshold,
+        )
+
+    # ---- requests --------------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        token_mask: TokenMaskProvider | None = None,
+        block_hash_extras: list[bytes | None] | None = None,
+    ) -> None:
+        """Queues a request; with ``params.n > 1`` it fans out into n sequences sharing the prompt's cache."""
+        if request_id in self.children:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        vocab = self.runner.config.text.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        for bad in (t for t in params.logit_bias if not 0 <= t < vocab):
+            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")
+        ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        added: list[str] = []
+        try:
+            for index, seq_id in enumerate(ids):
+                self._add_sequence(
+                    seq_id, request_id, index, list(prompt_token_ids), params, token_mask, block_hash_extras
+                )
+                added.append(seq_id)
+        except ValueError:
+            for seq_id in added:
+                self.scheduler.abort_request(seq_id)
+                del self.sequences[seq_id]
+            raise
+        self.children[request_id] = ids
+
+    def _add_sequence(self, seq_id, parent_id, index, prompt, params, token_mask, extras) -> None:
+        request = Request(seq_id, prompt, params, eos_token_id=self.tokenizer.eos_id, block_hash_extras=extras)
+        self.scheduler.add_request(request)
+        generator = None
+        if params.seed is not None:
+            generator = seeded_generator(params.seed + index, self.runner.device)
+        detok = IncrementalDetokenizer(self.tokenizer.token_bytes, self.tokenizer.is_special, params)
+        self.sequences[seq_id] = _Sequence(request, parent_id, index, detok, generator, token_mask)
+
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        """Ends a request (all its n sequences) and frees its blocks now."""
+        outputs = []
+        for seq_id in self.children.pop(request_id, []):
+            self.scheduler.abort_request(seq_id)
+            seq = self.sequences.pop(seq_id, None)
+            if seq is not None:
+                outputs.append(self._output(seq, [], "", []))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step --------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        batch = self.runner.execute(plan)
+        sampled = self._sample(batch.request_ids, batch.logits)
+        self.scheduler.update_from_output(plan, {rid: tok for rid, (tok, _) in sampled.items()})
+        return self._emit(plan, sampled)
+
+    def _sample(self, request_ids: list[str], logits: torch.Tensor) -> dict[str, tuple[int, TokenLogprobs | None]]:
+        if not request_ids:
+            return {}
+        seqs = [self.sequences[rid] for rid in request_ids]
+        masks = [None if s.token_mask is None else _bind_mask(s.token_mask, s.request) for s in seqs]
+        batch = SamplingBatch.from_lists(
+            [s.request.sampling_params for s in seqs],
+            prompt_token_ids=[s.request.prompt_token_ids for s in seqs],
+            output_token_ids=[s.request.output_token_ids for s in seqs],
+            generators=[s.generator for s in seqs],
+            token_masks=masks,
+            eos_token_id=self.tokenizer.eos_id,
+        )
+        out = self.sampler(logits, batch)
+        logprobs = out.logprobs or [None] * len(seqs)
+        return {rid: (tok, lp) for rid, tok, lp in zip(request_ids, out.token_ids, logprobs, strict=True)}
+
+    def _emit(self, plan: SchedulerOutput, sampled: dict[str, tuple[int, TokenLogprobs | None]]) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for item in plan.scheduled:
+            rid = item.request.request_id
+            if rid not in sampled or rid not in self.sequences:
+                continue
+            seq = self.sequences[rid]
+            token, logprob = sampled[rid]
+            seq.first_token_time = seq.first_token_time or now
+            text = seq.detokenizer.add(token)
+            if seq.detokenizer.stopped is not None:
+                self._finish_by_stop_string(seq)
+            elif seq.request.is_finished:
+                text += seq.detokenizer.flush()
+            lps = [logprob] if logprob is not None else []
+            seq.logprobs.extend(lps)
+            outputs.append(self._output(seq, [token], text, lps))
+            if seq.request.is_finished:
+                self._forget(seq)
+        return outputs
+
+    def _finish_by_stop_string(self, seq: _Sequence) -> None:
+        stop = seq.detokenizer.stopped
+        if seq.request.is_finished:  # finished by length in the same step: the stop string explains it better
+            seq.request.status, seq.request.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        else:
+            self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_STOPPED, stop)
+
+    def _forget(self, seq: _Sequence) -> None:
+        del self.sequences[seq.request.request_id]
+        siblings = self.children.get(seq.parent_id, [])
+        if all(s not in self.sequences for s in siblings):
+            self.children.pop(seq.parent_id, None)
+
+    @staticmethod
+    def _output(seq: _Sequence, tokens: list[int], text: str, logprobs: list[TokenLogprobs]) -> RequestOutput:
+        req = seq.request
+        finished = req.is_finished
+        return RequestOutput(
+            request_id=seq.parent_id,
+            index=seq.index,
+            new_token_ids=tokens,
+            new_text=text,
+            finished=finished,
+            finish_reason=req.status.value if finished else None,
+            stop_reason=req.stop_reason if finished else None,
+            logprobs=logprobs,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_prompt_tokens,
+        )
+
+
+def _bind_mask(provider: TokenMaskProvider, request: Request) -> Callable[[], torch.Tensor | None]:
+    return lambda: provider(request.output_token_ids)
+
+
+class LLM:
+    """Offline batch generation: ``LLM(model_dir).generate(prompts, SamplingParams(...))``."""
+
+    def __init__(self, model_dir: str | Path, engine_cfg: EngineConfig | None = None, **overrides) -> None:
+        cfg = engine_cfg or EngineConfig(**overrides)
+        self.engine = Engine(model_dir, cfg)
+        self.tokenizer = self.engine.tokenizer
+        self._counter = 0
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationResult]:
+        """Text prompts are encoded with BOS; token-id prompts are used as given. Results keep prompt order."""
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or a single one for all")
+        results: dict[str, GenerationResult] = {}
+        collected: dict[str, dict[int, CompletionOutput]] = {}
+        order = []
+        for prompt, p in zip(prompts, params_list, strict=True):
+            ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+            rid = f"offline-{self._counter}"
+            self._counter += 1
+            self.engine.add_request(rid, ids, p)
+            results[rid] = GenerationResult(rid, ids, [])
+            collected[rid] = {
+                i: CompletionOutput(i, "", [], None, None, [] if p.logprobs is not None else None) for i in range(p.n)
+            }
+            order.append(rid)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                done = collected[out.request_id][out.index]
+                done.text += out.new_text
+                done.token_ids.extend(out.new_token_ids)
+                if done.logprobs is not None:
+                    done.logprobs.extend(out.logprobs)
+                if out.finished:
+                    done.finish_reason, done.stop_reason = out.finish_reason, out.stop_reason
+                    results[out.request_id].num_cached_tokens = out.num_cached_tokens
+        for rid in order:
+            results[rid].outputs = [collected[rid][i] for i in sorted(collected[rid])]
+        return [results[rid] for rid in order]

@@ -1,0 +1,141 @@
+"""The model runner owns device memory: the weights, the paged latent cache, and turning a scheduler plan into
+one flat forward pass. The model owns the math; the scheduler only counts blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from small4.config import EngineConfig, ModelConfig
+from small4.engine.request import Request
+from small4.engine.scheduler import SchedulerOutput
+from small4.model.context import AttentionMetadata
+from small4.model.mistral4 import Mistral4Model
+from small4.weights.loader import load_model
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def cache_dtype(engine_cfg: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
+    if engine_cfg.kv_cache_dtype == "auto":
+        return model_dtype
+    if engine_cfg.kv_cache_dtype == "fp8":
+        return torch.float8_e4m3fn
+    return _DTYPES[engine_cfg.kv_cache_dtype]
+
+
+@dataclass
+class StepBatch:
+    """What one forward pass consumed: which requests sample, and the rows of their last tokens."""
+
+    request_ids: list[str]  # requests that sample a token this step, in order
+    logits: torch.Tensor  # [len(request_ids), vocab] float32
+
+
+def token_slice(request: Request, start: int, end: int) -> list[int]:
+    """Tokens [start, end) of prompt + output without copying the whole sequence (a decode reads one token)."""
+    prompt, num_prompt = request.prompt_token_ids, request.num_prompt_tokens
+    if start >= num_prompt:
+        return request.output_token_ids[start - num_prompt : end - num_prompt]
+    if end <= num_prompt:
+        return prompt[start:end]
+    return prompt[start:] + request.output_token_ids[: end - num_prompt]
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str | Path, engine_cfg: EngineConfig) -> None:
+        self.engine_cfg = engine_cfg
+        self.device = resolve_device(engine_cfg.device)
+        self.dtype = resolve_dtype(engine_cfg.dtype, self.device)
+        self.model: Mistral4Model = load_model(model_dir, dtype=self.dtype, device=self.device, progress=False)
+        self.model.set_attn_impl(engine_cfg.attn_impl)
+        self.config: ModelConfig = self.model.config
+        self.block_size = engine_cfg.block_size
+        self.cache_dtype = cache_dtype(engine_cfg, self.dtype)
+        self.num_blocks = self._num_blocks()
+        text = self.config.text
+        self.kv_caches = [
+            torch.zeros(self.num_blocks, self.block_size, text.latent_dim, dtype=self.cache_dtype, device=self.device)
+            for _ in range(text.num_layers)
+        ]
+        log.info("max tokens in cache: %d (%d blocks of %d)", self.max_cached_tokens, self.num_blocks, self.block_size)
+
+    @property
+    def bytes_per_block(self) -> int:
+        text = self.config.text
+        itemsize = torch.empty((), dtype=self.cache_dtype).element_size()
+        return text.num_layers * self.block_size * text.latent_dim * itemsize
+
+    @property
+    def max_cached_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def _num_blocks(self) -> int:
+        budget = self.engine_cfg.kv_cache_memory
+        if budget is None and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * self.engine_cfg.gpu_memory_utilization) - used - self._activation_reserve()
+        elif budget is None:
+            budget = CPU_DEFAULT_KV_BYTES
+        num_blocks = budget // self.bytes_per_block
+        if num_blocks < 1:
+            raise RuntimeError(f"no memory left for the latent cache (budget {budget} bytes)")
+        return int(num_blocks)
+
+    def _activation_reserve(self) -> int:
+        """Head-room for one step's activations: logits of every sampled row plus MoE intermediates."""
+        text = self.config.text
+        tokens = self.engine_cfg.max_num_batched_tokens or 8192
+        per_token = 4 * (
+            text.vocab_size + 8 * text.hidden_size + 4 * text.moe_intermediate_size * text.num_experts_per_tok
+        )
+        return tokens * per_token
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> StepBatch:
+        tokens, positions, slots, starts, seq_lens, tables, sample_rows, sample_ids = [], [], [], [0], [], [], [], []
+        for item in plan.scheduled:
+            req, start, n = item.request, item.start, item.num_new_tokens
+            tokens.extend(token_slice(req, start, start + n))
+            pos = list(range(start, start + n))
+            positions.extend(pos)
+            slots.extend(req.block_ids[p // self.block_size] * self.block_size + p % self.block_size for p in pos)
+            starts.append(starts[-1] + n)
+            seq_lens.append(start + n)
+            tables.append(req.block_ids)
+            if item.samples:
+                sample_rows.append(starts[-1] - 1)
+                sample_ids.append(req.request_id)
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        meta = AttentionMetadata(
+            query_start_loc=starts,
+            seq_lens=seq_lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_tables=block_tables.to(self.device),
+            block_size=self.block_size,
+        )
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.tensor(positions, device=self.device), meta, self.kv_caches)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return StepBatch(sample_ids, self.model.compute_logits(hidden[rows]))
