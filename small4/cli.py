@@ -24,7 +24,51 @@ def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_make_tiny)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_make_tiny]
+def _generate(args: argparse.Namespace) -> int:
+    from small4.config import EngineConfig
+    from small4.engine.engine import LLM
+    from small4.engine.sampling_params import SamplingParams
+    from small4.weights.embedded import embedded_model_dir
+
+    model_dir = args.model or embedded_model_dir()
+    llm = LLM(model_dir, EngineConfig(profile=args.profile))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    for prompt, result in zip(args.prompts, llm.generate(args.prompts, params), strict=True):
+        out = result.outputs[0]
+        print(f"prompt: {prompt!r} ({len(result.prompt_token_ids)} tokens)")
+        print(f"output: {out.text!r} ({len(out.token_ids)} tokens, finish_reason={out.finish_reason})")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="offline generation through the engine")
+    p.add_argument("prompts", nargs="+", help="text prompts (encoded with BOS, no chat template)")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--profile", choices=["latency", "throughput"], default="throughput")
+    p.set_defaults(func=_generate)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from small4.bench import offline
+
+    p = sub.add_parser("bench", help="benchmarks that write JSON results")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    offline.add_parser(bench)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from small4.server.serve import add_serve_arguments, serve
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server")
+    add_serve_arguments(p)
+    p.set_defaults(func=serve)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_make_tiny, _add_generate, _add_serve, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

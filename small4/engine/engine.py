@@ -63,6 +63,8 @@ class Engine:
         self.sampler = Sampler()
         self.sequences: dict[str, _Sequence] = {}
         self.children: dict[str, list[str]] = {}
+        self.num_preemptions = 0
+        self.num_steps = 0
 
     def _scheduler_config(self) -> SchedulerConfig:
         cfg = self.engine_cfg
@@ -138,6 +140,8 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
+        self.num_steps += 1
+        self.num_preemptions += len(plan.preempted)
         batch = self.runner.execute(plan)
         sampled = self._sample(batch.request_ids, batch.logits)
         self.scheduler.update_from_output(plan, {rid: tok for rid, (tok, _) in sampled.items()})
@@ -170,7 +174,7 @@ class Engine:
             seq = self.sequences[rid]
             token, logprob = sampled[rid]
             seq.first_token_time = seq.first_token_time or now
-            text = seq.detokenizer.add(token)
+            text = "" if _is_stop_token(seq.request, token) else seq.detokenizer.add(token)
             if seq.detokenizer.stopped is not None:
                 self._finish_by_stop_string(seq)
             elif seq.request.is_finished:
@@ -212,6 +216,13 @@ class Engine:
             num_output_tokens=req.num_output_tokens,
             num_cached_tokens=req.num_cached_prompt_tokens,
         )
+
+
+def _is_stop_token(request: Request, token: int) -> bool:
+    """EOS and stop token ids end a sequence without becoming part of its text (as in vLLM)."""
+    if request.status is not RequestStatus.FINISHED_STOPPED:
+        return False
+    return token == request.eos_token_id or token == request.stop_reason
 
 
 def _bind_mask(provider: TokenMaskProvider, request: Request) -> Callable[[], torch.Tensor | None]:
