@@ -68,7 +68,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=serve)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_make_tiny, _add_generate, _add_serve, _add_bench]
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="serve the embedded tiny model and talk to it with the openai client")
+    p.set_defaults(func=lambda _: __import__("small4.demo", fromlist=["main"]).main())
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_make_tiny,
+    _add_generate,
+    _add_serve,
+    _add_bench,
+    _add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from small4.config import EngineConfig
-from small4.engine.engine import Engine, TokenMaskProvider
+from small4.engine.engine import Engine, TokenMaskFactory
 from small4.engine.outputs import RequestOutput
 from small4.engine.sampling_params import SamplingParams
 
@@ -63,7 +63,7 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    token_mask: TokenMaskProvider | None
+    token_mask_factory: TokenMaskFactory | None
     block_hash_extras: list[bytes | None] | None
     sink: _Sink
     accepted: asyncio.Future[None]
@@ -251,7 +251,7 @@ class AsyncEngine:
         request_id: str,
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
-        token_mask: TokenMaskProvider | None = None,
+        token_mask_factory: TokenMaskFactory | None = None,
         block_hash_extras: list[bytes | None] | None = None,
     ) -> RequestStream:
         """Queue a request and return its stream once the engine accepted it.
@@ -259,7 +259,7 @@ class AsyncEngine:
         Rejections raise here, before any streaming: ``ValueError`` for what ``Engine.add_request`` refuses
         (token ids outside the vocabulary, a prompt over max_model_len or over the whole cache, an id already
         in flight), ``EngineDeadError`` if the engine died or is shutting down. The await lasts at most until
-        the end of the step in progress. ``token_mask`` is called on the engine thread.
+        the end of the step in progress. ``token_mask_factory`` and its providers are called on the engine thread.
         """
         self._check_accepting()
         if request_id in self._sinks:
@@ -267,7 +267,13 @@ class AsyncEngine:
         assert self._loop is not None
         sink = _Sink(params.n)
         cmd = _Add(
-            request_id, list(prompt_token_ids), params, token_mask, block_hash_extras, sink, self._loop.create_future()
+            request_id,
+            list(prompt_token_ids),
+            params,
+            token_mask_factory,
+            block_hash_extras,
+            sink,
+            self._loop.create_future(),
         )
         self._sinks[request_id] = sink
         self._inbox.put(cmd)
@@ -400,7 +406,7 @@ class AsyncEngine:
     def _add(self, cmd: _Add) -> None:
         try:
             self._engine.add_request(
-                cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.token_mask, cmd.block_hash_extras
+                cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.token_mask_factory, cmd.block_hash_extras
             )
         except Exception as exc:  # the caller's to handle (ValueError: rejected); the engine is unchanged
             self._post(self._settle, cmd, exc)

@@ -35,6 +35,7 @@ class IncrementalDetokenizer:
         self._token_bytes = token_bytes
         self._is_special = is_special
         self._skip_special = params.skip_special_tokens
+        self._kept_special = frozenset(params.kept_special_token_ids)
         self._stops = params.stop
         self._include_stop = params.include_stop_str_in_output
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -56,7 +57,7 @@ class IncrementalDetokenizer:
         """Feed one generated token; return the newly releasable text (possibly empty)."""
         if self.stopped is not None:
             return ""
-        if self._skip_special and self._is_special(token_id):
+        if self._skip_special and self._is_special(token_id) and token_id not in self._kept_special:
             return ""
         return self._release(self._decoder.decode(self._token_bytes(token_id)), final=False)
 

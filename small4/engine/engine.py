@@ -29,6 +29,8 @@ from small4.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 TokenMaskProvider = Callable[[list[int]], "torch.Tensor | None"]
+# one provider per sequence: grammar matchers are stateful, so the n sequences of a request each need their own
+TokenMaskFactory = Callable[[], TokenMaskProvider]
 
 
 @dataclass
@@ -87,7 +89,7 @@ class Engine:
         request_id: str,
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
-        token_mask: TokenMaskProvider | None = None,
+        token_mask_factory: TokenMaskFactory | None = None,
         block_hash_extras: list[bytes | None] | None = None,
     ) -> None:
         """Queues a request; with ``params.n > 1`` it fans out into n sequences sharing the prompt's cache."""
@@ -103,7 +105,7 @@ class Engine:
         try:
             for index, seq_id in enumerate(ids):
                 self._add_sequence(
-                    seq_id, request_id, index, list(prompt_token_ids), params, token_mask, block_hash_extras
+                    seq_id, request_id, index, list(prompt_token_ids), params, token_mask_factory, block_hash_extras
                 )
                 added.append(seq_id)
         except ValueError:
@@ -113,13 +115,14 @@ class Engine:
             raise
         self.children[request_id] = ids
 
-    def _add_sequence(self, seq_id, parent_id, index, prompt, params, token_mask, extras) -> None:
+    def _add_sequence(self, seq_id, parent_id, index, prompt, params, mask_factory, extras) -> None:
         request = Request(seq_id, prompt, params, eos_token_id=self.tokenizer.eos_id, block_hash_extras=extras)
         self.scheduler.add_request(request)
         generator = None
         if params.seed is not None:
             generator = seeded_generator(params.seed + index, self.runner.device)
         detok = IncrementalDetokenizer(self.tokenizer.token_bytes, self.tokenizer.is_special, params)
+        token_mask = mask_factory() if mask_factory is not None else None
         self.sequences[seq_id] = _Sequence(request, parent_id, index, detok, generator, token_mask)
 
     def abort_request(self, request_id: str) -> list[RequestOutput]:

@@ -73,8 +73,9 @@ class ModelRunner:
         self.cache_dtype = cache_dtype(engine_cfg, self.dtype)
         self.num_blocks = self._num_blocks()
         text = self.config.text
+        # empty, not zeros: a slot is always written before it is read, and untouched pages cost nothing
         self.kv_caches = [
-            torch.zeros(self.num_blocks, self.block_size, text.latent_dim, dtype=self.cache_dtype, device=self.device)
+            torch.empty(self.num_blocks, self.block_size, text.latent_dim, dtype=self.cache_dtype, device=self.device)
             for _ in range(text.num_layers)
         ]
         log.info("max tokens in cache: %d (%d blocks of %d)", self.max_cached_tokens, self.num_blocks, self.block_size)

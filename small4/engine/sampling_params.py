@@ -34,6 +34,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # special tokens rendered as text even when skipping the others (the chat parser's [THINK], [TOOL_CALLS], ...)
+    kept_special_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

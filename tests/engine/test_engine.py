@@ -97,8 +97,10 @@ def test_seeded_sampling_reproducible_across_batches(model_dir):
     llm = LLM(model_dir, EngineConfig(block_size=4))
     batched = llm.generate(prompts, mixed)[2].outputs[0].token_ids
     assert batched == alone
-    assert _run(model_dir, [prompts[2]], SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=99,
-                                                          max_tokens=10))[0] != alone
+    assert (
+        _run(model_dir, [prompts[2]], SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=99, max_tokens=10))[0]
+        != alone
+    )
 
 
 def test_n_sequences(model_dir):
@@ -138,7 +140,7 @@ def test_stop_token_ids_and_min_tokens(model_dir):
     out = llm.generate([prompt], params)[0].outputs[0]
     # while fewer than min_tokens are out the stop id is banned (so the text may differ from the free run)
     assert len(out.token_ids) >= 6 and stop_id not in out.token_ids[:6]
-    assert out.token_ids[: first_at] == full[: first_at]
+    assert out.token_ids[:first_at] == full[:first_at]
     if out.finish_reason == "stop":
         assert out.token_ids[-1] == stop_id and stop_id not in out.token_ids[:-1]
     else:
@@ -173,8 +175,11 @@ def test_abort_frees_blocks(model_dir):
         engine.step()
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
     outs = engine.abort_request("b") + engine.abort_request("a")
-    assert {(o.request_id, o.index, o.finish_reason) for o in outs} == {("a", 0, "abort"), ("b", 0, "abort"),
-                                                                        ("b", 1, "abort")}
+    assert {(o.request_id, o.index, o.finish_reason) for o in outs} == {
+        ("a", 0, "abort"),
+        ("b", 0, "abort"),
+        ("b", 1, "abort"),
+    }
     assert not engine.has_unfinished()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 

@@ -1,0 +1,467 @@
+"""OpenAI chat request -> mistral-common ``ChatCompletionRequest`` -> prompt token ids (+ images).
+
+No prompt string is ever built here: messages, tools, tool choice, reasoning effort and images are
+converted into mistral-common objects, validated by mistral-common (in *serving* mode, whatever mode
+the tokenizer was loaded in) and encoded by ``MistralTokenizer.encode_chat_completion``. This module
+only adds what mistral-common leaves to the server:
+
+* strict shape checks of the OpenAI dicts, so an unknown or unsupported field is refused (house rule 9)
+  instead of being dropped, with the offending ``param`` path in the error;
+* images: only ``data:`` URLs are accepted, decoded here into PIL images and handed over as
+  ``ImageChunk``; remote URLs are refused and mistral-common never gets a string it could resolve
+  (it would fetch http(s) URLs and open ``file://`` paths on its own);
+* tool call ids: clients may send back any id; ids that are not 9 alphanumeric characters are mapped,
+  consistently within the request, to 9-character ids (v13+ does not tokenize ids, so this never
+  changes the prompt, but it keeps mistral-common's id checks happy);
+* every mistral-common / pydantic failure becomes a ``RenderError`` (a ``ValueError``) with a message.
+
+Continuing an assistant message is supported the Mistral way: a final assistant message with
+``"prefix": true`` is encoded without its end-of-sequence token; any other final assistant message is
+refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+import secrets
+import string
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from mistral_common.exceptions import (
+    InvalidRequestException,
+    InvalidToolException,
+    InvalidToolSchemaException,
+    MistralCommonException,
+)
+from mistral_common.protocol.instruct.chunk import ContentChunk, ImageChunk, TextChunk
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage,
+    ChatMessage,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+)
+from mistral_common.protocol.instruct.request import ChatCompletionRequest, ResponseFormat
+from mistral_common.protocol.instruct.tool_calls import (
+    FunctionName,
+    NamedToolChoice,
+    Tool,
+    ToolChoice,
+    ToolChoiceEnum,
+)
+from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+from mistral_common.tokens.tokenizers.base import TokenizerVersion
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from PIL import Image
+from pydantic import ValidationError
+
+TOOL_CALL_ID_LENGTH = 9
+_TOOL_CALL_ID_ALPHABET = string.ascii_letters + string.digits
+_TOOL_CALL_ID_RE = re.compile(r"[a-zA-Z0-9]{9}")
+
+# The OpenAI fields accepted per role. Anything else is refused rather than silently dropped.
+_MESSAGE_KEYS: dict[str, frozenset[str]] = {
+    "system": frozenset({"role", "content"}),
+    "developer": frozenset({"role", "content"}),
+    "user": frozenset({"role", "content"}),
+    "assistant": frozenset({"role", "content", "tool_calls", "reasoning_content", "reasoning", "prefix"}),
+    "tool": frozenset({"role", "content", "tool_call_id", "name"}),
+}
+_IMAGE_ROLES = frozenset({"user", "tool"})
+_TOOL_KEYS = frozenset({"type", "function"})
+_FUNCTION_KEYS = frozenset({"name", "description", "parameters", "strict"})
+_TOOL_CALL_KEYS = frozenset({"id", "type", "function"})
+_FUNCTION_CALL_KEYS = frozenset({"name", "arguments"})
+_TOOL_CHOICES = ("auto", "none", "required")
+
+
+class RenderError(ValueError):
+    """A chat request that cannot be rendered; the server answers 400 with ``message`` and ``param``."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def new_tool_call_id() -> str:
+    """A fresh tool call id: 9 random characters from [a-zA-Z0-9], as mistral-common expects."""
+    return "".join(secrets.choice(_TOOL_CALL_ID_ALPHABET) for _ in range(TOOL_CALL_ID_LENGTH))
+
+
+def is_valid_tool_call_id(value: str) -> bool:
+    return _TOOL_CALL_ID_RE.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """The encoded prompt of one chat request.
+
+    ``images`` are the arrays mistral-common's image encoder returns (one float array ``[C, H, W]`` per
+    image, in prompt order); their ``[IMG]`` slots are in ``token_ids``. ``reasoning`` says whether the
+    model is expected to open a ``[THINK]`` block (reasoning effort other than "none").
+    """
+
+    token_ids: list[int]
+    images: list[Any]
+    request: ChatCompletionRequest
+    reasoning: bool
+    reasoning_effort: str | None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt tokens, the usage count; equal to mistral-common's own encoding length."""
+        return len(self.token_ids)
+
+
+class ChatRenderer:
+    """Renders OpenAI-shaped chat requests into prompt token ids with mistral-common."""
+
+    def __init__(self, tokenizer: MistralTokenizer, model_name: str = "small4") -> None:
+        if tokenizer.instruct_tokenizer.tokenizer.version < TokenizerVersion.v13:
+            raise ValueError(
+                f"tokenizer {tokenizer.instruct_tokenizer.tokenizer.version} is too old: small4 parses the "
+                "v13+ tool-call format"
+            )
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        # Serving-mode validation is stricter than the default "test" mode of MistralTokenizer.from_file
+        # (e.g. every tool call must be answered); run it explicitly before encoding.
+        self._validator = get_validator(tokenizer.instruct_tokenizer.tokenizer.version, mode=ValidationMode.serving)
+        builder = tokenizer.instruct_tokenizer.tokenizer.model_settings_builder
+        effort = builder.reasoning_effort if builder is not None else None
+        self.reasoning_efforts: tuple[str, ...] = tuple(_enum_str(v) for v in effort.values) if effort else ()
+        self.default_reasoning_effort: str | None = (
+            _enum_str(effort.default) if effort is not None and effort.default is not None else None
+        )
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
+        response_format: dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+    ) -> RenderedPrompt:
+        """Validate and encode one chat request; raise ``RenderError`` for anything unsupported."""
+        effort = self._check_reasoning_effort(reasoning_effort)
+        if not isinstance(messages, list) or not messages:
+            raise RenderError("messages must be a non-empty list", "messages")
+        ids = _ToolCallIds(messages)
+        converted = [self._message(m, i, ids) for i, m in enumerate(messages)]
+        last = converted[-1]
+        if not (isinstance(last, (UserMessage, ToolMessage)) or (isinstance(last, AssistantMessage) and last.prefix)):
+            raise RenderError(
+                f"the last message must be from the user or a tool, got role {_enum_str(last.role)!r} "
+                '(an assistant message can only come last with "prefix": true, to be continued)',
+                f"messages[{len(messages) - 1}].role",
+            )
+        mc_tools = self._tools(tools)
+        choice = self._tool_choice(tool_choice, mc_tools)
+        fields: dict[str, Any] = {
+            "model": self.model_name,
+            "messages": converted,
+            "tools": mc_tools,
+            "tool_choice": choice,
+            "parallel_tool_calls": parallel_tool_calls,
+            "reasoning_effort": reasoning_effort,
+        }
+        if response_format is not None:
+            try:
+                fields["response_format"] = ResponseFormat.model_validate(response_format)
+            except (ValidationError, ValueError) as e:
+                raise RenderError(_describe(e), "response_format") from None
+        try:
+            request = ChatCompletionRequest(**fields)
+            self._validator.validate_request(request)
+            tokenized = self.tokenizer.encode_chat_completion(request)
+        except (MistralCommonException, ValueError, AssertionError) as e:
+            raise RenderError(ids.unmap(_describe(e)), _error_param(e)) from None
+        continuing = isinstance(last, AssistantMessage) and last.prefix
+        return RenderedPrompt(
+            token_ids=list(tokenized.tokens),
+            images=list(tokenized.images),
+            request=request,
+            # A continued assistant message is already past its reasoning: the model continues content.
+            reasoning=effort is not None and effort != "none" and not continuing,
+            reasoning_effort=effort,
+        )
+
+    # -- fields -------------------------------------------------------------------------------------
+
+    def _check_reasoning_effort(self, value: str | None) -> str | None:
+        if value is None:
+            return self.default_reasoning_effort
+        if not self.reasoning_efforts:
+            raise RenderError("reasoning_effort is not supported by this model", "reasoning_effort")
+        if value not in self.reasoning_efforts:
+            allowed = ", ".join(repr(v) for v in self.reasoning_efforts)
+            raise RenderError(f"reasoning_effort must be one of {allowed}, got {value!r}", "reasoning_effort")
+        return value
+
+    def _message(self, message: Any, index: int, ids: _ToolCallIds) -> ChatMessage:
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RenderError("each message must be an object", param)
+        role = message.get("role")
+        if not isinstance(role, str) or role not in _MESSAGE_KEYS:
+            allowed = ", ".join(repr(r) for r in _MESSAGE_KEYS)
+            raise RenderError(f"unknown role {role!r}; expected one of {allowed}", f"{param}.role")
+        _check_keys(message, _MESSAGE_KEYS[role], param, f"{role} messages")
+        content = message.get("content")
+        try:
+            if role in ("system", "developer"):
+                return SystemMessage(content=_content(content, role, f"{param}.content"))
+            if role == "user":
+                return UserMessage(content=_content(content, role, f"{param}.content"))
+            if role == "tool":
+                return self._tool_message(message, param, ids)
+            return self._assistant_message(message, param, ids)
+        except ValidationError as e:
+            raise RenderError(_describe(e), param) from None
+
+    def _tool_message(self, message: dict[str, Any], param: str, ids: _ToolCallIds) -> ToolMessage:
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise RenderError("tool messages need a string tool_call_id", f"{param}.tool_call_id")
+        return ToolMessage(
+            content=_content(message.get("content"), "tool", f"{param}.content"),
+            tool_call_id=ids.map(call_id),
+            name=message.get("name"),
+        )
+
+    def _assistant_message(self, message: dict[str, Any], param: str, ids: _ToolCallIds) -> AssistantMessage:
+        content = message.get("content")
+        if content is not None:
+            _content(content, "assistant", f"{param}.content")  # shape check only: text parts
+        tool_calls = message.get("tool_calls")
+        openai: dict[str, Any] = {"role": "assistant", "content": content}
+        if tool_calls is not None:
+            if not isinstance(tool_calls, list):
+                raise RenderError("tool_calls must be a list", f"{param}.tool_calls")
+            openai["tool_calls"] = [
+                _tool_call(call, f"{param}.tool_calls[{j}]", ids) for j, call in enumerate(tool_calls)
+            ]
+        for key in ("reasoning_content", "reasoning"):
+            if key in message:
+                if not isinstance(message[key], str):
+                    raise RenderError(f"{key} must be a string", f"{param}.{key}")
+                openai[key] = message[key]
+        prefix = message.get("prefix", False)
+        if not isinstance(prefix, bool):
+            raise RenderError("prefix must be a boolean", f"{param}.prefix")
+        try:
+            # mistral-common's own OpenAI mapping: reasoning_content -> a closed ThinkChunk before the text.
+            converted = AssistantMessage.from_openai(openai)
+        except (MistralCommonException, ValueError) as e:  # pydantic's ValidationError is a ValueError
+            raise RenderError(_describe(e), param) from None
+        return converted.model_copy(update={"prefix": True}) if prefix else converted
+
+    def _tools(self, tools: list[dict[str, Any]] | None) -> list[Tool] | None:
+        if tools is None:
+            return None
+        if not isinstance(tools, list):
+            raise RenderError("tools must be a list", "tools")
+        converted: list[Tool] = []
+        seen: set[str] = set()
+        for i, tool in enumerate(tools):
+            param = f"tools[{i}]"
+            if not isinstance(tool, dict):
+                raise RenderError("each tool must be an object", param)
+            _check_keys(tool, _TOOL_KEYS, param, "tools")
+            if tool.get("type") != "function":
+                raise RenderError(f"unsupported tool type {tool.get('type')!r}; only 'function'", f"{param}.type")
+            function = tool.get("function")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise RenderError("a function tool needs a function object with a name", f"{param}.function")
+            _check_keys(function, _FUNCTION_KEYS, f"{param}.function", "functions")
+            if function["name"] in seen:
+                raise RenderError(f"duplicate tool name {function['name']!r}", f"{param}.function.name")
+            seen.add(function["name"])
+            try:
+                converted.append(Tool.from_openai(tool))
+            except ValidationError as e:
+                raise RenderError(_describe(e), param) from None
+        return converted
+
+    def _tool_choice(self, choice: str | dict[str, Any] | None, tools: list[Tool] | None) -> ToolChoice:
+        if choice is None:
+            return ToolChoiceEnum.auto
+        names = [t.function.name for t in tools or []]
+        if isinstance(choice, str):
+            if choice not in _TOOL_CHOICES:
+                allowed = ", ".join(repr(c) for c in _TOOL_CHOICES)
+                raise RenderError(
+                    f"tool_choice must be one of {allowed} or a named function, got {choice!r}", "tool_choice"
+                )
+            if choice == "required" and not names:
+                raise RenderError("tool_choice 'required' needs tools", "tool_choice")
+            return ToolChoiceEnum(choice)
+        if isinstance(choice, dict):
+            _check_keys(choice, frozenset({"type", "function"}), "tool_choice", "tool_choice")
+            function = choice.get("function")
+            if choice.get("type") != "function" or not isinstance(function, dict):
+                raise RenderError(
+                    'a named tool_choice is {"type": "function", "function": {"name": ...}}', "tool_choice"
+                )
+            _check_keys(function, frozenset({"name"}), "tool_choice.function", "tool_choice.function")
+            name = function.get("name")
+            if name not in names:
+                raise RenderError(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+            return NamedToolChoice(function=FunctionName(name=name))
+        raise RenderError("tool_choice must be a string or an object", "tool_choice")
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+class _ToolCallIds:
+    """Maps the tool call ids of one request to ids mistral-common accepts, consistently.
+
+    Valid ids (9 characters [a-zA-Z0-9]) are kept; any other id is replaced by one derived from its
+    hash, avoiding every id used in the request, so an assistant call and its tool result still pair up.
+    """
+
+    def __init__(self, messages: list[Any]) -> None:
+        self._used: set[str] = set()
+        for message in messages if isinstance(messages, list) else []:
+            if not isinstance(message, dict):
+                continue
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else []:
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    self._used.add(call["id"])
+            if isinstance(message.get("tool_call_id"), str):
+                self._used.add(message["tool_call_id"])
+        self._mapped: dict[str, str] = {}
+
+    def map(self, call_id: str) -> str:
+        if is_valid_tool_call_id(call_id):
+            return call_id
+        if call_id not in self._mapped:
+            salt = 0
+            while True:
+                digest = hashlib.sha256(f"{salt}:{call_id}".encode()).digest()
+                candidate = "".join(_TOOL_CALL_ID_ALPHABET[b % len(_TOOL_CALL_ID_ALPHABET)] for b in digest[:9])
+                if candidate not in self._used:
+                    break
+                salt += 1
+            self._used.add(candidate)
+            self._mapped[call_id] = candidate
+        return self._mapped[call_id]
+
+    def unmap(self, text: str) -> str:
+        """Put the client's ids back into an error message."""
+        for original, mapped in self._mapped.items():
+            text = text.replace(mapped, repr(original))
+        return text
+
+
+def _tool_call(call: Any, param: str, ids: _ToolCallIds) -> dict[str, Any]:
+    if not isinstance(call, dict):
+        raise RenderError("each tool call must be an object", param)
+    _check_keys(call, _TOOL_CALL_KEYS, param, "tool calls")
+    if call.get("type", "function") != "function":
+        raise RenderError(f"unsupported tool call type {call.get('type')!r}", f"{param}.type")
+    if not isinstance(call.get("id"), str):
+        raise RenderError("a tool call needs a string id", f"{param}.id")
+    function = call.get("function")
+    if not isinstance(function, dict):
+        raise RenderError("a tool call needs a function object", f"{param}.function")
+    _check_keys(function, _FUNCTION_CALL_KEYS, f"{param}.function", "tool call functions")
+    if not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
+        raise RenderError("a tool call function needs a string name and string arguments", f"{param}.function")
+    return {"id": ids.map(call["id"]), "type": "function", "function": dict(function)}
+
+
+def _content(content: Any, role: str, param: str) -> str | list[ContentChunk]:
+    """OpenAI content (a string or a list of parts) -> mistral-common content; images decoded here."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        raise RenderError(f"{role} messages need content", param)
+    if not isinstance(content, list) or not content:
+        raise RenderError("content must be a string or a non-empty list of parts", param)
+    chunks: list[ContentChunk] = []
+    for i, part in enumerate(content):
+        part_param = f"{param}[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            _check_keys(part, frozenset({"type", "text"}), part_param, "text parts")
+            if not isinstance(part.get("text"), str):
+                raise RenderError("a text part needs a string text", f"{part_param}.text")
+            chunks.append(TextChunk(text=part["text"]))
+        elif kind == "image_url":
+            if role not in _IMAGE_ROLES:
+                raise RenderError(f"images are not supported in {role} messages", part_param)
+            _check_keys(part, frozenset({"type", "image_url"}), part_param, "image parts")
+            chunks.append(ImageChunk(image=_image(part.get("image_url"), f"{part_param}.image_url")))
+        else:
+            raise RenderError(f"unsupported content part type {kind!r}", f"{part_param}.type")
+    return chunks
+
+
+def _image(image_url: Any, param: str) -> Image.Image:
+    if isinstance(image_url, dict):
+        _check_keys(image_url, frozenset({"url", "detail"}), param, "image_url")
+        if image_url.get("detail", "auto") != "auto":
+            raise RenderError("image detail levels are not supported; omit detail or use 'auto'", f"{param}.detail")
+        url = image_url.get("url")
+    else:
+        url = image_url
+    if not isinstance(url, str):
+        raise RenderError("image_url needs a url string", param)
+    if url.startswith(("http://", "https://")):
+        raise RenderError("remote image URLs are disabled; send the image as a base64 data: URL", param)
+    if not url.startswith("data:"):
+        raise RenderError("image URLs must be base64 data: URLs (data:image/png;base64,...)", param)
+    header, comma, payload = url.partition(",")
+    mime = header[len("data:") :].removesuffix(";base64")
+    if not comma or not header.endswith(";base64") or (mime and not mime.startswith("image/")):
+        raise RenderError("image URLs must be base64 data: URLs (data:image/png;base64,...)", param)
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RenderError("the image data URL is not valid base64", param) from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except Exception:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, bombs...)
+        raise RenderError("the image data URL does not hold a decodable image", param) from None
+    return image
+
+
+def _enum_str(value: Any) -> str:
+    return str(value.value) if isinstance(value, Enum) else str(value)
+
+
+def _check_keys(obj: dict[str, Any], allowed: frozenset[str], param: str, what: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise RenderError(f"unsupported field {unknown[0]!r} in {what}", f"{param}.{unknown[0]}")
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        return f"{loc}: {first.get('msg')}" if loc else str(first.get("msg"))
+    return str(error) or type(error).__name__
+
+
+def _error_param(error: Exception) -> str | None:
+    """The request field a mistral-common error is about, as far as its class tells."""
+    if isinstance(error, (InvalidToolException, InvalidToolSchemaException)):
+        return "tools"
+    if isinstance(error, ValidationError):
+        return None
+    if isinstance(error, MistralCommonException) and not isinstance(error, InvalidRequestException):
+        return "messages"
+    return None

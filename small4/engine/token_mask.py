@@ -1,0 +1,40 @@
+"""Grammar bitmasks -> the bool tensors the sampler applies.
+
+A grammar matcher (``small4.chat.grammar.GrammarMatcher``, or anything with the same ``advance``) returns a
+packed llguidance bitmask: little-endian 32-bit words, bit ``t`` set when token ``t`` may come next. The engine
+never imports ``chat/``, so the matcher is typed here by its protocol only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class BitmaskMatcher(Protocol):
+    def advance(self, output_token_ids: Sequence[int]) -> bytes:
+        """Consume the unseen suffix of the output; return the bitmask of tokens allowed next."""
+        ...
+
+
+def bitmask_to_bool(bitmask: bytes, vocab_size: int) -> torch.Tensor:
+    """Unpack a bitmask into a bool tensor ``[vocab_size]``: cropped when the grammar's vocabulary is longer
+    than the model's, padded with False (disallowed) when it is shorter (a padded lm_head)."""
+    bits = np.unpackbits(np.frombuffer(bitmask, dtype=np.uint8), bitorder="little")  # [8 * len(bitmask)]
+    allowed = torch.from_numpy(bits[:vocab_size].view(np.bool_))  # [<= vocab_size]
+    if allowed.shape[0] < vocab_size:
+        allowed = torch.cat([allowed, torch.zeros(vocab_size - allowed.shape[0], dtype=torch.bool)])
+    return allowed
+
+
+def token_mask_provider(matcher: BitmaskMatcher, vocab_size: int) -> Callable[[list[int]], torch.Tensor | None]:
+    """The ``token_mask`` hook for ``Engine.add_request``: called with the sequence's output token ids before
+    each sampling step, returns the allowed tokens ``[vocab_size]``. One matcher (and provider) per sequence."""
+
+    def provider(output_token_ids: list[int]) -> torch.Tensor:
+        return bitmask_to_bool(matcher.advance(output_token_ids), vocab_size)
+
+    return provider

@@ -1,0 +1,78 @@
+"""The FastAPI app: routes, middleware, lifespan. Routes stay thin; the work is in the handlers.
+
+`server/` only talks to `async_engine` and `chat/` (DESIGN.md): the app owns one AsyncEngine for its lifetime,
+starts it with the app and drains it on shutdown (SIGTERM: uvicorn stops accepting, in-flight requests finish,
+then the engine thread is joined and the process exits 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from small4.server.chat import ChatHandler
+from small4.server.completions import CompletionHandler
+from small4.server.context import ServerContext
+from small4.server.errors import install_error_handlers
+from small4.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from small4.server.protocol import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    api_key: str | None = None
+    shutdown_timeout_s: float = 30.0
+
+
+def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        ctx.engine.start()
+        try:
+            yield
+        finally:
+            await ctx.engine.shutdown(timeout=options.shutdown_timeout_s)
+
+    app = FastAPI(title="small4", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    chat, completions = ChatHandler(ctx), CompletionHandler(ctx)
+
+    @app.get("/health")
+    async def health() -> Response:
+        status = 200 if ctx.engine.healthy else 503
+        return JSONResponse({"status": "ok" if status == 200 else "unhealthy"}, status_code=status)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = {
+            "id": ctx.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "small4",
+            "max_model_len": ctx.limits.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await chat(body, request)
+
+    @app.post("/v1/completions")
+    async def text_completions(body: CompletionRequest, request: Request) -> Response:
+        return await completions(body, request)
+
+    # outermost first: the size cap runs before auth reads nothing but headers anyway
+    app.add_middleware(APIKeyMiddleware, api_key=options.api_key)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=ctx.limits.max_body_bytes)
+    return app

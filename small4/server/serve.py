@@ -1,0 +1,90 @@
+"""`small4 serve`: load the model, build the app, run uvicorn until SIGTERM / SIGINT (graceful, exit 0)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from small4.config import EngineConfig, parse_bytes
+from small4.engine.async_engine import AsyncEngine
+from small4.server.app import AppOptions, build_app
+from small4.server.context import ServerContext, ServerLimits
+from small4.tokenizer import Tokenizer
+
+log = logging.getLogger("small4.serve")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("SMALL4_API_KEY"), help="or $SMALL4_API_KEY")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--profile", choices=["latency", "throughput"], default="throughput")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="latent-cache budget, e.g. 4GiB")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before answering 503")
+    p.add_argument("--max-body-bytes", type=parse_bytes, default=32 * 1024 * 1024)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0)
+
+
+def build_from_args(args: argparse.Namespace):
+    from small4.weights.embedded import embedded_model_dir
+
+    model_dir = Path(args.model) if args.model else embedded_model_dir()
+    engine_cfg = EngineConfig(
+        profile=args.profile,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=not args.no_prefix_caching,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
+    name = args.served_model_name or ("small4-tiny" if not args.model else model_dir.name)
+    limits = ServerLimits(
+        max_model_len=engine.engine.max_model_len, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes
+    )
+    ctx = ServerContext(engine, Tokenizer.from_file(model_dir), name, limits)
+    return build_app(ctx, AppOptions(api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout)), ctx
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown (so the process dies by the signal); a server
+    that drained cleanly should exit 0 instead, which is what process supervisors expect."""
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, ctx = build_from_args(args)
+    log.info(
+        "serving %s on http://%s:%d (max tokens in cache: %d)",
+        ctx.model_name,
+        args.host,
+        args.port,
+        ctx.engine.engine.runner.max_cached_tokens,
+    )
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=int(args.shutdown_timeout)
+    )
+    _GracefulServer(config).run()
+    return 0

@@ -1,0 +1,317 @@
+"""Structured output: grammars from mistral-common requests, compiled by llguidance, enforced through the real
+engine on a random tiny model. The outputs must parse and validate whatever the (random) model prefers.
+
+Test schemas bound their outputs (compact whitespace via llguidance's ``x-guidance``, maxLength, maximum,
+one tool call) so a random model must finish well within max_tokens: finish_reason "stop" then proves the
+grammar allowed EOS exactly when the output was complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import jsonschema
+import pytest
+from mistral_common.protocol.instruct.request import ChatCompletionRequest, ResponseFormat, ResponseFormats
+from mistral_common.protocol.instruct.tool_calls import Function, Tool
+
+from small4.chat.grammar import GrammarCompiler, GrammarError, GrammarMatcher, response_format_from_openai
+from small4.config import EngineConfig
+from small4.engine.engine import LLM
+from small4.engine.sampling_params import SamplingParams
+from small4.engine.token_mask import token_mask_provider
+from small4.weights.tiny import make_tiny
+
+COMPACT = {"x-guidance": {"whitespace_flexible": False}}
+PERSON = {
+    **COMPACT,
+    "type": "object",
+    "properties": {
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "name": {"type": "string", "maxLength": 6},
+    },
+    "required": ["age", "name"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    **COMPACT,
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer", "maximum": 9}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+TIME = {
+    **COMPACT,
+    "type": "object",
+    "properties": {"zone": {"enum": ["utc", "cet"]}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    Tool(function=Function(name="get_weather", parameters=WEATHER, strict=True)),
+    Tool(function=Function(name="get_time", parameters=TIME, strict=True)),
+]
+TOOL_CALL = re.compile(r"\[TOOL_CALLS\]\s*(?P<name>[\w-]+)\[ARGS\]\s*(?P<args>\{.*\})\s*", re.DOTALL)
+SEEDS = [None, 0, 1]  # greedy and two sampled runs, batched together
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(make_tiny(tmp_path_factory.mktemp("tiny"), layout="hf", seed=7), EngineConfig(block_size=4))
+
+
+@pytest.fixture(scope="module")
+def compiler(llm):
+    return GrammarCompiler(llm.tokenizer.mistral)
+
+
+def _request(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "Answer, please."}], **kw)
+
+
+def _generate(llm, compiler, request, logit_bias=None) -> list[tuple[str, str]]:
+    """Runs the request once per seed (one matcher each) through the engine; returns (text, finish_reason)."""
+    engine = llm.engine
+    prompt = llm.tokenizer.mistral.encode_chat_completion(request).tokens
+    vocab = engine.runner.config.text.vocab_size
+    tokens: dict[str, list[int]] = {}
+    finish: dict[str, str] = {}
+    for i, seed in enumerate(SEEDS):
+        params = SamplingParams(
+            temperature=0.0 if seed is None else 1.0, seed=seed, max_tokens=200, logit_bias=logit_bias or {}
+        )
+        matcher = compiler.matcher_for(request)
+        assert matcher is not None
+        engine.add_request(f"g{i}", prompt, params, token_mask_factory=lambda m=matcher: token_mask_provider(m, vocab))
+        tokens[f"g{i}"] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+            if out.finished:
+                finish[out.request_id] = out.finish_reason
+    results = []
+    for rid in sorted(tokens):
+        ids = tokens[rid]
+        if finish[rid] == "stop":  # the EOS that ended the sequence is in its token ids, not in its text
+            assert ids[-1] == llm.tokenizer.eos_id
+            ids = ids[:-1]
+        results.append((llm.tokenizer.decode(ids, skip_special_tokens=False), finish[rid]))
+    return results
+
+
+def test_json_schema_output_parses_and_validates(llm, compiler):
+    fmt = response_format_from_openai(
+        {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    )
+    for text, finish in _generate(llm, compiler, _request(response_format=fmt)):
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_json_object_output_is_an_object(llm, compiler):
+    # The bias makes "}" the model's favourite token; the grammar must still produce an object, then EOS.
+    close = llm.tokenizer.encode("}", bos=False)
+    assert len(close) == 1
+    request = _request(response_format=response_format_from_openai({"type": "json_object"}))
+    for text, finish in _generate(llm, compiler, request, logit_bias={close[0]: 30.0}):
+        assert finish == "stop", text
+        assert isinstance(json.loads(text), dict)
+
+
+def test_tool_choice_required_yields_a_valid_tool_call(llm, compiler):
+    request = _request(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    schemas = {t.function.name: t.function.parameters for t in TOOLS}
+    for text, finish in _generate(llm, compiler, request):
+        assert finish == "stop", text
+        call = TOOL_CALL.fullmatch(text)
+        assert call is not None, text
+        jsonschema.validate(json.loads(call["args"]), schemas[call["name"]])
+
+
+def test_named_tool_choice_pins_the_tool(llm, compiler):
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    request = _request(tools=TOOLS, tool_choice=choice, parallel_tool_calls=False)
+    for text, finish in _generate(llm, compiler, request):
+        assert finish == "stop", text
+        call = TOOL_CALL.fullmatch(text)
+        assert call is not None and call["name"] == "get_time", text
+        jsonschema.validate(json.loads(call["args"]), TIME)
+
+
+# ---- which requests get a grammar ---------------------------------------------------------------------------
+def test_auto_and_none_tool_choice_need_no_grammar(compiler):
+    assert compiler.grammar_for(_request()) is None
+    assert compiler.grammar_for(_request(tools=TOOLS, tool_choice="auto")) is None
+    assert compiler.grammar_for(_request(tools=TOOLS, tool_choice="none")) is None
+    json_and_tools = compiler.grammar_for(_request(tools=TOOLS, response_format=ResponseFormat(type="json_object")))
+    assert json_and_tools is not None and "get_weather" in json_and_tools
+
+
+def test_forced_tool_without_tools_or_with_json_is_rejected(compiler):
+    with pytest.raises(GrammarError, match="No tools"):
+        compiler.grammar_for(_request(tool_choice="required"))
+    with pytest.raises(GrammarError, match="tool_choice"):
+        compiler.grammar_for(
+            _request(tools=TOOLS, tool_choice="required", response_format=ResponseFormat(type="json_object"))
+        )
+
+
+def test_think_section_only_with_reasoning(llm, compiler):
+    think, end_think = llm.tokenizer.special_id("[THINK]"), llm.tokenizer.special_id("[/THINK]")
+    fmt = response_format_from_openai({"type": "json_object"})
+
+    def allowed_first(matcher: GrammarMatcher) -> set[int]:
+        return _allowed(matcher.advance([]))
+
+    assert think not in allowed_first(compiler.matcher_for(_request(response_format=fmt)))
+    reasoning = _request(response_format=fmt, reasoning_effort="high")
+    assert think in allowed_first(compiler.matcher_for(reasoning))
+    matcher = compiler.matcher_for(reasoning)
+    output = [think, *llm.tokenizer.encode("hmm", bos=False), end_think, *llm.tokenizer.encode("{}", bos=False)]
+    mask = matcher.advance(output)
+    assert not matcher.failed and matcher.is_accepting() and _allowed(mask) == {llm.tokenizer.eos_id}
+
+
+def test_non_strict_schema_only_asks_for_json(compiler):
+    fmt = response_format_from_openai({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    assert fmt.json_schema is not None and not fmt.json_schema.strict
+    grammar = compiler.grammar_for(_request(response_format=fmt))
+    assert grammar is not None and "maxLength" not in grammar and '"array"' in grammar
+
+
+# ---- response_format from OpenAI shapes ---------------------------------------------------------------------
+def test_response_format_from_openai_shapes():
+    assert response_format_from_openai(None).type == ResponseFormats.text
+    assert response_format_from_openai({"type": "text"}).type == ResponseFormats.text
+    assert response_format_from_openai({"type": "json_object"}).type == ResponseFormats.json_object
+    fmt = response_format_from_openai(
+        {"type": "json_schema", "json_schema": {"name": "p", "description": "d", "schema": PERSON, "strict": True}}
+    )
+    assert fmt.type == ResponseFormats.json_schema and fmt.json_schema.strict
+    assert fmt.json_schema.custom_schema == PERSON and fmt.json_schema.description == "d"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "json_object",
+        {"type": "nonsense"},
+        {"type": "text", "json_schema": {}},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}},
+        {"type": "json_schema", "json_schema": {"name": "p"}},
+        {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}, "strict": "yes"}},
+        {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}, "extra": 1}},
+        {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "nonsense"}}},
+    ],
+)
+def test_bad_response_formats_raise_grammar_error(bad):
+    with pytest.raises(GrammarError):
+        response_format_from_openai(bad)
+    assert issubclass(GrammarError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "nonsense"},  # tools' schemas are not checked by mistral-common: llguidance refuses them
+        {"type": "integer", "minimum": 5, "maximum": 1},
+        {"type": "string", "pattern": "(?<=a)b"},
+        {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}},
+    ],
+)
+def test_uncompilable_schemas_raise_grammar_error(compiler, schema):
+    tool = Tool(function=Function(name="f", parameters=schema, strict=True))
+    grammar = compiler.grammar_for(_request(tools=[tool], tool_choice="required"))
+    with pytest.raises(GrammarError, match="invalid grammar"):
+        compiler.matcher(grammar)
+
+
+# ---- compiling and caching ----------------------------------------------------------------------------------
+def _schema_grammar(compiler, n: int) -> str:
+    schema = {"type": "object", "properties": {f"k{n}": {"type": "integer"}}, "required": [f"k{n}"]}
+    fmt = ResponseFormat.model_validate(
+        {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}
+    )
+    return compiler.grammar_for(_request(response_format=fmt))
+
+
+def test_cache_is_bounded_and_reused(llm):
+    compiler = GrammarCompiler(llm.tokenizer.mistral, max_cache_entries=2)
+    g1, g2, g3 = (_schema_grammar(compiler, n) for n in range(3))
+    first = compiler.compile(g1)
+    assert compiler.compile(g1) is first
+    assert (compiler.num_compiles, compiler.num_cache_hits) == (1, 1)
+    compiler.matcher(g2)
+    compiler.matcher(g3)  # evicts g1, the least recently used
+    assert compiler.cache_size == 2 and compiler.num_compiles == 3
+    compiler.matcher(g3)
+    assert compiler.num_compiles == 3
+    assert compiler.compile(g1) is not first
+    assert compiler.num_compiles == 4 and compiler.cache_size == 2
+
+
+def test_matchers_from_one_compiled_grammar_are_independent(llm, compiler):
+    compiled = compiler.compile(_schema_grammar(compiler, 7))
+    a, b = compiler.matcher(compiled), compiler.matcher(compiled)
+    a.advance(llm.tokenizer.encode('{"k7":', bos=False))
+    assert a.num_consumed > 0 and b.num_consumed == 0
+    assert _allowed(b.advance([])) == _allowed(compiler.matcher(compiled).advance([]))
+
+
+def test_compile_timeout_raises_grammar_error(llm, monkeypatch):
+    compiler = GrammarCompiler(llm.tokenizer.mistral, timeout_s=0.05)
+    real_build = compiler._build
+
+    def slow_build(grammar):
+        time.sleep(0.3)
+        return real_build(grammar)
+
+    monkeypatch.setattr(compiler, "_build", slow_build)
+    with pytest.raises(GrammarError, match="longer than"):
+        compiler.compile(_schema_grammar(compiler, 1))
+    compiler.close()
+
+
+# ---- matching -----------------------------------------------------------------------------------------------
+def _person_matcher(compiler) -> GrammarMatcher:
+    fmt = response_format_from_openai(
+        {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}
+    )
+    return compiler.matcher_for(_request(response_format=fmt))
+
+
+def _allowed(bitmask: bytes) -> set[int]:
+    return {8 * i + b for i, byte in enumerate(bitmask) for b in range(8) if byte >> b & 1}
+
+
+def test_matcher_consumes_only_the_new_suffix_and_allows_eos_at_the_end(llm, compiler):
+    matcher = _person_matcher(compiler)
+    tokens = llm.tokenizer.encode('{"age":42,"name":"Ada"}', bos=False)
+    assert llm.tokenizer.eos_id not in _allowed(matcher.advance([]))
+    for n in range(1, len(tokens) + 1):
+        mask = matcher.advance(tokens[:n])  # the engine hands over the whole output every step
+        assert matcher.num_consumed == n and not matcher.failed
+    assert matcher.is_accepting()
+    assert _allowed(mask) == {llm.tokenizer.eos_id}
+
+
+@pytest.mark.parametrize("bad", ["x", "[", 10**6])
+def test_rejected_token_fails_the_matcher_and_allows_only_eos(llm, compiler, bad):
+    matcher = _person_matcher(compiler)
+    tokens = llm.tokenizer.encode('{"age":', bos=False)
+    tokens += llm.tokenizer.encode(bad, bos=False) if isinstance(bad, str) else [bad]
+    mask = matcher.advance(tokens)
+    assert matcher.failed and "not allowed" in matcher.error
+    assert _allowed(mask) == {llm.tokenizer.eos_id}
+    assert _allowed(matcher.advance([*tokens, 1500])) == {llm.tokenizer.eos_id}
+
+
+def test_output_shorter_than_what_was_consumed_fails_the_matcher(llm, compiler):
+    matcher = _person_matcher(compiler)
+    tokens = llm.tokenizer.encode('{"age":4', bos=False)
+    matcher.advance(tokens)
+    assert _allowed(matcher.advance(tokens[:-1])) == {llm.tokenizer.eos_id}
+    assert matcher.failed and "one matcher per sequence" in matcher.error
