@@ -99,6 +99,11 @@ class VisionConfig:
     projector_bias: bool = False
     rms_norm_eps: float = 1e-5
 
+    def tokens_per_image(self, height: int, width: int) -> int:
+        """``[IMG]`` slots of a preprocessed image: one per merged patch (patch x merge pixels on a side)."""
+        side = self.patch_size * self.spatial_merge_size
+        return (height // side) * (width // side)
+
 
 @dataclass(frozen=True)
 class TextConfig:

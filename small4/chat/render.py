@@ -7,9 +7,11 @@ only adds what mistral-common leaves to the server:
 
 * strict shape checks of the OpenAI dicts, so an unknown or unsupported field is refused (house rule 9)
   instead of being dropped, with the offending ``param`` path in the error;
-* images: only ``data:`` URLs are accepted, decoded here into PIL images and handed over as
-  ``ImageChunk``; remote URLs are refused and mistral-common never gets a string it could resolve
-  (it would fetch http(s) URLs and open ``file://`` paths on its own);
+* images: loaded by ``chat.media.load_image`` under the renderer's ``MediaPolicy`` (``data:`` URLs, and
+  http(s) URLs of allowed hosts only), counted against ``max_images``, and handed over as decoded PIL
+  images in ``ImageChunk``; mistral-common never gets a string it could resolve (it would fetch http(s)
+  URLs and open ``file://`` paths on its own). Loading may fetch over the network: ``render`` is
+  synchronous and blocking, so the server calls it in a worker thread;
 * tool call ids: clients may send back any id; ids that are not 9 alphanumeric characters are mapped,
   consistently within the request, to 9-character ids (v13+ does not tokenize ids, so this never
   changes the prompt, but it keeps mistral-common's id checks happy);
@@ -22,10 +24,7 @@ refused.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import io
 import re
 import secrets
 import string
@@ -61,6 +60,8 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 from pydantic import ValidationError
 
+from small4.chat.media import MediaError, MediaPolicy, load_image
+
 TOOL_CALL_ID_LENGTH = 9
 _TOOL_CALL_ID_ALPHABET = string.ascii_letters + string.digits
 _TOOL_CALL_ID_RE = re.compile(r"[a-zA-Z0-9]{9}")
@@ -79,6 +80,7 @@ _FUNCTION_KEYS = frozenset({"name", "description", "parameters", "strict"})
 _TOOL_CALL_KEYS = frozenset({"id", "type", "function"})
 _FUNCTION_CALL_KEYS = frozenset({"name", "arguments"})
 _TOOL_CHOICES = ("auto", "none", "required")
+DEFAULT_MEDIA_POLICY = MediaPolicy()  # data: URLs only (frozen, so safe to share)
 
 
 class RenderError(ValueError):
@@ -104,8 +106,10 @@ class RenderedPrompt:
     """The encoded prompt of one chat request.
 
     ``images`` are the arrays mistral-common's image encoder returns (one float array ``[C, H, W]`` per
-    image, in prompt order); their ``[IMG]`` slots are in ``token_ids``. ``reasoning`` says whether the
-    model is expected to open a ``[THINK]`` block (reasoning effort other than "none").
+    image, in prompt order); their ``[IMG]`` slots are in ``token_ids``. ``image_hashes`` are the SHA-256
+    digests of the images' encoded bytes, one per image in the same order (prefix-cache keys).
+    ``reasoning`` says whether the model is expected to open a ``[THINK]`` block (reasoning effort other
+    than "none").
     """
 
     token_ids: list[int]
@@ -113,6 +117,7 @@ class RenderedPrompt:
     request: ChatCompletionRequest
     reasoning: bool
     reasoning_effort: str | None
+    image_hashes: list[bytes]
 
     @property
     def num_tokens(self) -> int:
@@ -123,7 +128,9 @@ class RenderedPrompt:
 class ChatRenderer:
     """Renders OpenAI-shaped chat requests into prompt token ids with mistral-common."""
 
-    def __init__(self, tokenizer: MistralTokenizer, model_name: str = "small4") -> None:
+    def __init__(
+        self, tokenizer: MistralTokenizer, model_name: str = "small4", media_policy: MediaPolicy = DEFAULT_MEDIA_POLICY
+    ) -> None:
         if tokenizer.instruct_tokenizer.tokenizer.version < TokenizerVersion.v13:
             raise ValueError(
                 f"tokenizer {tokenizer.instruct_tokenizer.tokenizer.version} is too old: small4 parses the "
@@ -131,6 +138,7 @@ class ChatRenderer:
             )
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.media_policy = media_policy
         # Serving-mode validation is stricter than the default "test" mode of MistralTokenizer.from_file
         # (e.g. every tool call must be answered); run it explicitly before encoding.
         self._validator = get_validator(tokenizer.instruct_tokenizer.tokenizer.version, mode=ValidationMode.serving)
@@ -155,7 +163,8 @@ class ChatRenderer:
         if not isinstance(messages, list) or not messages:
             raise RenderError("messages must be a non-empty list", "messages")
         ids = _ToolCallIds(messages)
-        converted = [self._message(m, i, ids) for i, m in enumerate(messages)]
+        images = _Images(self.media_policy)
+        converted = [self._message(m, i, ids, images) for i, m in enumerate(messages)]
         last = converted[-1]
         if not (isinstance(last, (UserMessage, ToolMessage)) or (isinstance(last, AssistantMessage) and last.prefix)):
             raise RenderError(
@@ -185,6 +194,8 @@ class ChatRenderer:
         except (MistralCommonException, ValueError, AssertionError) as e:
             raise RenderError(ids.unmap(_describe(e)), _error_param(e)) from None
         continuing = isinstance(last, AssistantMessage) and last.prefix
+        if len(tokenized.images) != len(images.hashes):
+            raise AssertionError(f"{len(tokenized.images)} encoded images for {len(images.hashes)} loaded ones")
         return RenderedPrompt(
             token_ids=list(tokenized.tokens),
             images=list(tokenized.images),
@@ -192,6 +203,7 @@ class ChatRenderer:
             # A continued assistant message is already past its reasoning: the model continues content.
             reasoning=effort is not None and effort != "none" and not continuing,
             reasoning_effort=effort,
+            image_hashes=images.hashes,
         )
 
     # -- fields -------------------------------------------------------------------------------------
@@ -206,7 +218,7 @@ class ChatRenderer:
             raise RenderError(f"reasoning_effort must be one of {allowed}, got {value!r}", "reasoning_effort")
         return value
 
-    def _message(self, message: Any, index: int, ids: _ToolCallIds) -> ChatMessage:
+    def _message(self, message: Any, index: int, ids: _ToolCallIds, images: _Images) -> ChatMessage:
         param = f"messages[{index}]"
         if not isinstance(message, dict):
             raise RenderError("each message must be an object", param)
@@ -218,29 +230,31 @@ class ChatRenderer:
         content = message.get("content")
         try:
             if role in ("system", "developer"):
-                return SystemMessage(content=_content(content, role, f"{param}.content"))
+                return SystemMessage(content=_content(content, role, f"{param}.content", images))
             if role == "user":
-                return UserMessage(content=_content(content, role, f"{param}.content"))
+                return UserMessage(content=_content(content, role, f"{param}.content", images))
             if role == "tool":
-                return self._tool_message(message, param, ids)
-            return self._assistant_message(message, param, ids)
+                return self._tool_message(message, param, ids, images)
+            return self._assistant_message(message, param, ids, images)
         except ValidationError as e:
             raise RenderError(_describe(e), param) from None
 
-    def _tool_message(self, message: dict[str, Any], param: str, ids: _ToolCallIds) -> ToolMessage:
+    def _tool_message(self, message: dict[str, Any], param: str, ids: _ToolCallIds, images: _Images) -> ToolMessage:
         call_id = message.get("tool_call_id")
         if not isinstance(call_id, str):
             raise RenderError("tool messages need a string tool_call_id", f"{param}.tool_call_id")
         return ToolMessage(
-            content=_content(message.get("content"), "tool", f"{param}.content"),
+            content=_content(message.get("content"), "tool", f"{param}.content", images),
             tool_call_id=ids.map(call_id),
             name=message.get("name"),
         )
 
-    def _assistant_message(self, message: dict[str, Any], param: str, ids: _ToolCallIds) -> AssistantMessage:
+    def _assistant_message(
+        self, message: dict[str, Any], param: str, ids: _ToolCallIds, images: _Images
+    ) -> AssistantMessage:
         content = message.get("content")
         if content is not None:
-            _content(content, "assistant", f"{param}.content")  # shape check only: text parts
+            _content(content, "assistant", f"{param}.content", images)  # shape check only: text parts
         tool_calls = message.get("tool_calls")
         openai: dict[str, Any] = {"role": "assistant", "content": content}
         if tool_calls is not None:
@@ -322,6 +336,24 @@ class ChatRenderer:
 # -- helpers ----------------------------------------------------------------------------------------
 
 
+class _Images:
+    """The images of one request: counted against the policy's ``max_images``, loaded, hashed in prompt order."""
+
+    def __init__(self, policy: MediaPolicy) -> None:
+        self.policy = policy
+        self.hashes: list[bytes] = []
+
+    def load(self, url: Any, param: str) -> Image.Image:
+        if len(self.hashes) >= self.policy.max_images:
+            raise RenderError(f"too many images: at most {self.policy.max_images} per request", param)
+        try:
+            loaded = load_image(url, self.policy)
+        except MediaError as e:
+            raise RenderError(e.message, e.param or param) from None
+        self.hashes.append(loaded.sha256)
+        return loaded.image
+
+
 class _ToolCallIds:
     """Maps the tool call ids of one request to ids mistral-common accepts, consistently.
 
@@ -381,8 +413,8 @@ def _tool_call(call: Any, param: str, ids: _ToolCallIds) -> dict[str, Any]:
     return {"id": ids.map(call["id"]), "type": "function", "function": dict(function)}
 
 
-def _content(content: Any, role: str, param: str) -> str | list[ContentChunk]:
-    """OpenAI content (a string or a list of parts) -> mistral-common content; images decoded here."""
+def _content(content: Any, role: str, param: str, images: _Images) -> str | list[ContentChunk]:
+    """OpenAI content (a string or a list of parts) -> mistral-common content; images loaded here."""
     if isinstance(content, str):
         return content
     if content is None:
@@ -402,13 +434,13 @@ def _content(content: Any, role: str, param: str) -> str | list[ContentChunk]:
             if role not in _IMAGE_ROLES:
                 raise RenderError(f"images are not supported in {role} messages", part_param)
             _check_keys(part, frozenset({"type", "image_url"}), part_param, "image parts")
-            chunks.append(ImageChunk(image=_image(part.get("image_url"), f"{part_param}.image_url")))
+            chunks.append(ImageChunk(image=_image(part.get("image_url"), f"{part_param}.image_url", images)))
         else:
             raise RenderError(f"unsupported content part type {kind!r}", f"{part_param}.type")
     return chunks
 
 
-def _image(image_url: Any, param: str) -> Image.Image:
+def _image(image_url: Any, param: str, images: _Images) -> Image.Image:
     if isinstance(image_url, dict):
         _check_keys(image_url, frozenset({"url", "detail"}), param, "image_url")
         if image_url.get("detail", "auto") != "auto":
@@ -418,24 +450,7 @@ def _image(image_url: Any, param: str) -> Image.Image:
         url = image_url
     if not isinstance(url, str):
         raise RenderError("image_url needs a url string", param)
-    if url.startswith(("http://", "https://")):
-        raise RenderError("remote image URLs are disabled; send the image as a base64 data: URL", param)
-    if not url.startswith("data:"):
-        raise RenderError("image URLs must be base64 data: URLs (data:image/png;base64,...)", param)
-    header, comma, payload = url.partition(",")
-    mime = header[len("data:") :].removesuffix(";base64")
-    if not comma or not header.endswith(";base64") or (mime and not mime.startswith("image/")):
-        raise RenderError("image URLs must be base64 data: URLs (data:image/png;base64,...)", param)
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise RenderError("the image data URL is not valid base64", param) from None
-    try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except Exception:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, bombs...)
-        raise RenderError("the image data URL does not hold a decodable image", param) from None
-    return image
+    return images.load(url, param)
 
 
 def _enum_str(value: Any) -> str:

@@ -29,6 +29,7 @@ from types import TracebackType
 
 from small4.config import EngineConfig
 from small4.engine.engine import Engine, TokenMaskFactory
+from small4.engine.multimodal import ImageInput
 from small4.engine.outputs import RequestOutput
 from small4.engine.sampling_params import SamplingParams
 
@@ -65,6 +66,7 @@ class _Add:
     params: SamplingParams
     token_mask_factory: TokenMaskFactory | None
     block_hash_extras: list[bytes | None] | None
+    images: list[ImageInput] | None
     sink: _Sink
     accepted: asyncio.Future[None]
 
@@ -253,6 +255,7 @@ class AsyncEngine:
         params: SamplingParams,
         token_mask_factory: TokenMaskFactory | None = None,
         block_hash_extras: list[bytes | None] | None = None,
+        images: list[ImageInput] | None = None,
     ) -> RequestStream:
         """Queue a request and return its stream once the engine accepted it.
 
@@ -272,6 +275,7 @@ class AsyncEngine:
             params,
             token_mask_factory,
             block_hash_extras,
+            images,
             sink,
             self._loop.create_future(),
         )
@@ -406,7 +410,12 @@ class AsyncEngine:
     def _add(self, cmd: _Add) -> None:
         try:
             self._engine.add_request(
-                cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.token_mask_factory, cmd.block_hash_extras
+                cmd.request_id,
+                cmd.prompt_token_ids,
+                cmd.params,
+                cmd.token_mask_factory,
+                cmd.block_hash_extras,
+                cmd.images,
             )
         except Exception as exc:  # the caller's to handle (ValueError: rejected); the engine is unchanged
             self._post(self._settle, cmd, exc)

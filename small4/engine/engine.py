@@ -19,6 +19,7 @@ from small4.config import EngineConfig
 from small4.engine.detokenizer import IncrementalDetokenizer
 from small4.engine.kv_cache import BlockManager
 from small4.engine.model_runner import ModelRunner
+from small4.engine.multimodal import ImageInput, MultiModalInputs
 from small4.engine.outputs import CompletionOutput, GenerationResult, RequestOutput
 from small4.engine.request import Request, RequestStatus
 from small4.engine.sampler import Sampler, SamplingBatch, TokenLogprobs, seeded_generator
@@ -91,8 +92,10 @@ class Engine:
         params: SamplingParams,
         token_mask_factory: TokenMaskFactory | None = None,
         block_hash_extras: list[bytes | None] | None = None,
+        images: list[ImageInput] | None = None,
     ) -> None:
-        """Queues a request; with ``params.n > 1`` it fans out into n sequences sharing the prompt's cache."""
+        """Queues a request; with ``params.n > 1`` it fans out into n sequences sharing the prompt's cache.
+        ``images`` fill the prompt's ``[IMG]`` slots in order; their content hashes key the prefix cache."""
         if request_id in self.children:
             raise ValueError(f"request id {request_id!r} is already in use")
         vocab = self.runner.config.text.vocab_size
@@ -100,6 +103,9 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         for bad in (t for t in params.logit_bias if not 0 <= t < vocab):
             raise ValueError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")
+        mm = self._multimodal(list(prompt_token_ids), images) if images else None
+        if mm is not None:
+            block_hash_extras = mm.block_hash_extras(len(prompt_token_ids), self.runner.config.vision.tokens_per_image)
         ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         added: list[str] = []
         try:
@@ -107,6 +113,7 @@ class Engine:
                 self._add_sequence(
                     seq_id, request_id, index, list(prompt_token_ids), params, token_mask_factory, block_hash_extras
                 )
+                self.sequences[seq_id].request.mm_inputs = mm
                 added.append(seq_id)
         except ValueError:
             for seq_id in added:
@@ -114,6 +121,12 @@ class Engine:
                 del self.sequences[seq_id]
             raise
         self.children[request_id] = ids
+
+    def _multimodal(self, prompt: list[int], images: list[ImageInput]) -> MultiModalInputs:
+        vision = self.runner.config.vision
+        if vision is None:
+            raise ValueError("this model has no vision tower: images are not supported")
+        return MultiModalInputs.build(prompt, images, vision.image_token_id, vision.tokens_per_image)
 
     def _add_sequence(self, seq_id, parent_id, index, prompt, params, mask_factory, extras) -> None:
         request = Request(seq_id, prompt, params, eos_token_id=self.tokenizer.eos_id, block_hash_extras=extras)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from small4.config import EngineConfig, ModelConfig
+from small4.engine.multimodal import MultiModalInputs
 from small4.engine.request import Request
 from small4.engine.scheduler import SchedulerOutput
 from small4.model.context import AttentionMetadata
@@ -49,6 +50,13 @@ class StepBatch:
 
     request_ids: list[str]  # requests that sample a token this step, in order
     logits: torch.Tensor  # [len(request_ids), vocab] float32
+
+
+def _encode_images(model: Mistral4Model, mm: MultiModalInputs, device: torch.device, dtype: torch.dtype) -> None:
+    """Runs the vision tower over all of a request's images once; the embeddings stay with the request."""
+    if mm.embeddings is None:
+        pixels = [torch.as_tensor(img.pixels).to(device=device, dtype=dtype) for img in mm.images]
+        mm.embeddings = torch.cat(model.vision(pixels))  # [num_slots, hidden]
 
 
 def token_slice(request: Request, start: int, end: int) -> list[int]:
@@ -112,9 +120,23 @@ class ModelRunner:
         )
         return tokens * per_token
 
+    def _collect_image_rows(
+        self, req: Request, start: int, n: int, offset: int, rows: list[int], embeds: list[torch.Tensor]
+    ) -> None:
+        """Image embeddings for the [IMG] slots inside this chunk, with their rows in the flat batch."""
+        mm: MultiModalInputs = req.mm_inputs
+        lo, hi = mm.slots_in(start, start + n)
+        if lo == hi:
+            return
+        _encode_images(self.model, mm, self.device, self.dtype)
+        rows.extend(offset + p - start for p in mm.slot_positions[lo:hi])
+        embeds.append(mm.embeddings[lo:hi])
+
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepBatch:
         tokens, positions, slots, starts, seq_lens, tables, sample_rows, sample_ids = [], [], [], [0], [], [], [], []
+        image_rows: list[int] = []
+        image_embeds: list[torch.Tensor] = []
         for item in plan.scheduled:
             req, start, n = item.request, item.start, item.num_new_tokens
             tokens.extend(token_slice(req, start, start + n))
@@ -124,6 +146,8 @@ class ModelRunner:
             starts.append(starts[-1] + n)
             seq_lens.append(start + n)
             tables.append(req.block_ids)
+            if req.mm_inputs is not None:
+                self._collect_image_rows(req, start, n, starts[-2], image_rows, image_embeds)
             if item.samples:
                 sample_rows.append(starts[-1] - 1)
                 sample_ids.append(req.request_id)
@@ -137,6 +161,12 @@ class ModelRunner:
             block_size=self.block_size,
         )
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.tensor(positions, device=self.device), meta, self.kv_caches)
+        embeds = None
+        if image_rows:
+            rows_t = torch.tensor(image_rows, dtype=torch.long, device=self.device)
+            embeds = self.model.embed(ids, torch.cat(image_embeds), rows_t)
+        hidden = self.model(
+            ids, torch.tensor(positions, device=self.device), meta, self.kv_caches, inputs_embeds=embeds
+        )
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         return StepBatch(sample_ids, self.model.compute_logits(hidden[rows]))

@@ -48,6 +48,7 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     block_hash_extras: list[bytes | None] | None = None
+    mm_inputs: object | None = None  # engine.multimodal.MultiModalInputs; opaque to the scheduler
 
     @property
     def all_token_ids(self) -> list[int]:

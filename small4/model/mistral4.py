@@ -1,4 +1,5 @@
-"""The Mistral Small 4 decoder: embeddings, 36 (MLA + MoE) layers, final norm, untied lm_head.
+"""The Mistral Small 4 decoder: embeddings, 36 (MLA + MoE) layers, final norm, untied lm_head; plus the
+vision tower (``self.vision``) when the config has one, and ``embed`` to merge image embeddings into the tokens.
 
 ``forward`` works on one flat batch of tokens (many sequences, mixed prefill chunks and decodes) described by an
 ``AttentionMetadata``; the runner owns the latent caches and passes one tensor per layer.
@@ -14,6 +15,7 @@ from small4.model.attention import AttnImpl, MLAttention
 from small4.model.context import AttentionMetadata
 from small4.model.layers import RMSNorm, RotaryEmbedding
 from small4.model.moe import MoE
+from small4.model.vision import VisionTower
 
 
 class DecoderLayer(nn.Module):
@@ -40,11 +42,28 @@ class Mistral4Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # the projector norm takes the text model's eps, as in transformers' Mistral3MultiModalProjector
+        self.vision = VisionTower(config.vision, cfg.hidden_size, cfg.rms_norm_eps) if config.vision else None
         self.requires_grad_(False)
 
     def set_attn_impl(self, impl: AttnImpl) -> None:
         for layer in self.layers:
             layer.self_attn.impl = impl
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        image_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [T] -> embeddings [T, hidden], with rows ``image_positions`` [N] (indices into the flat
+        batch, the ``[IMG]`` slots) replaced by ``image_embeds`` [N, hidden] (from ``self.vision``)."""
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        if image_embeds is None and image_positions is None:
+            return x
+        if image_embeds is None or image_positions is None or image_embeds.shape[0] != image_positions.shape[0]:
+            raise ValueError("image_embeds and image_positions must be given together, one row per position")
+        return x.index_copy(0, image_positions.to(device=x.device, dtype=torch.long), image_embeds.to(x.dtype))
 
     def forward(
         self,

@@ -17,12 +17,13 @@ from small4.chat.grammar import GrammarCompiler, GrammarError, enforce_schemas, 
 from small4.chat.parse import MARKERS, OutputParser, ParsedDelta
 from small4.chat.render import ChatRenderer, RenderedPrompt, RenderError
 from small4.engine.engine import TokenMaskFactory
+from small4.engine.multimodal import ImageInput
 from small4.engine.sampler import TokenLogprobs
 from small4.engine.token_mask import token_mask_provider
 from small4.server.context import ServerContext
 from small4.server.errors import APIError
 from small4.server.protocol import ChatCompletionRequest
-from small4.server.streaming import sse, timed_outputs, until_disconnect
+from small4.server.streaming import sse, sse_response_body, timed_outputs, until_disconnect
 
 ENDPOINT = "chat"
 
@@ -39,14 +40,14 @@ class _Choice:
 class ChatHandler:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        self.renderer = ChatRenderer(ctx.tokenizer.mistral)
+        self.renderer = ChatRenderer(ctx.tokenizer.mistral, ctx.model_name, media_policy=ctx.media_policy)
         self.grammars = GrammarCompiler(ctx.tokenizer.mistral)
         self.control_token_ids = tuple(ctx.tokenizer.special_id(m) for m in MARKERS)
 
     async def __call__(self, body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         self.ctx.check_model(body.model)
         self.ctx.check_capacity()
-        rendered = self._render(body)
+        rendered = await asyncio.to_thread(self._render, body)  # may fetch remote images: off the event loop
         prompt_len = len(rendered.token_ids)
         max_tokens = self.ctx.resolve_max_tokens(prompt_len, body.requested_max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -54,13 +55,16 @@ class ChatHandler:
         params = body.sampling_params(max_tokens, logprobs, self.control_token_ids)
         mask = await self._token_mask(body, rendered)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self.ctx.add(rid, rendered.token_ids, params, token_mask_factory=mask)
+        stream = await self.ctx.add(
+            rid, rendered.token_ids, params, token_mask_factory=mask, images=_image_inputs(rendered)
+        )
         tools = bool(body.tools) and body.tool_choice != "none"
         choices = [_Choice(i, OutputParser(reasoning=rendered.reasoning, tools=tools)) for i in range(body.n)]
         created = int(time.time())
         if body.stream:
+            chunks = self._stream(body, rid, created, stream, choices, prompt_len)
             return StreamingResponse(
-                self._stream(body, rid, created, stream, choices, prompt_len), media_type="text/event-stream"
+                sse_response_body(chunks, self.ctx.metrics, ENDPOINT), media_type="text/event-stream"
             )
         done = await until_disconnect(request, self._collect(stream, choices))
         if done is None:
@@ -213,13 +217,15 @@ class ChatHandler:
                     "total_tokens": prompt_len + completion,
                 }
                 yield sse({**base, "choices": [], "usage": usage})
-            yield sse("[DONE]")
-            self.ctx.metrics.requests.labels(ENDPOINT, "200").inc()
-        except APIError as e:
-            yield sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": e.status}})
-            yield sse("[DONE]")
         finally:
             await stream.aclose()
+
+
+def _image_inputs(rendered: RenderedPrompt) -> list[ImageInput] | None:
+    """mistral-common's preprocessed pixel arrays, keyed for the prefix cache by the server-computed content hash."""
+    if not rendered.images:
+        return None
+    return [ImageInput(pixels, digest) for pixels, digest in zip(rendered.images, rendered.image_hashes, strict=True)]
 
 
 def _merge_deltas(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from small4.engine.sampler import TokenLogprobs
 from small4.server.context import ServerContext
 from small4.server.errors import APIError
 from small4.server.protocol import CompletionRequest
-from small4.server.streaming import sse, timed_outputs, until_disconnect
+from small4.server.streaming import sse, sse_response_body, timed_outputs, until_disconnect
 
 ENDPOINT = "completions"
 
@@ -80,7 +80,7 @@ class CompletionHandler:
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
         if body.stream:
             gen = self._stream(body, rid, created, streams, choices, usage)
-            return StreamingResponse(gen, media_type="text/event-stream")
+            return StreamingResponse(sse_response_body(gen, self.ctx.metrics, ENDPOINT), media_type="text/event-stream")
         result = await until_disconnect(request, self._collect(streams, choices, usage, body.n))
         if result is None:
             return JSONResponse({}, status_code=499)
@@ -143,11 +143,6 @@ class CompletionHandler:
             if include_usage:
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 yield sse({**base, "choices": [], "usage": usage})
-            yield sse("[DONE]")
-            self.ctx.metrics.requests.labels(ENDPOINT, "200").inc()
-        except APIError as e:
-            yield sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": e.status}})
-            yield sse("[DONE]")
         finally:
             for s in streams:
                 await s.aclose()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from small4.chat.media import MediaPolicy
 from small4.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from small4.engine.engine import TokenMaskFactory
+from small4.engine.multimodal import ImageInput
 from small4.engine.sampling_params import SamplingParams
 from small4.server.errors import APIError
 from small4.server.metrics import ServerMetrics
@@ -22,8 +24,16 @@ class ServerLimits:
 
 
 class ServerContext:
-    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, limits: ServerLimits) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        tokenizer: Tokenizer,
+        model_name: str,
+        limits: ServerLimits,
+        media_policy: MediaPolicy | None = None,
+    ) -> None:
         self.engine, self.tokenizer, self.model_name, self.limits = engine, tokenizer, model_name, limits
+        self.media_policy = media_policy or MediaPolicy()
         self.metrics = ServerMetrics(lambda: engine.stats)
         self.vocab_size = engine.engine.runner.config.text.vocab_size
 
@@ -76,9 +86,12 @@ class ServerContext:
         token_ids: list[int],
         params: SamplingParams,
         token_mask_factory: TokenMaskFactory | None = None,
+        images: list[ImageInput] | None = None,
     ) -> RequestStream:
         try:
-            stream = await self.engine.add(request_id, token_ids, params, token_mask_factory=token_mask_factory)
+            stream = await self.engine.add(
+                request_id, token_ids, params, token_mask_factory=token_mask_factory, images=images
+            )
         except EngineDeadError as e:
             raise APIError(503, "the engine is not able to serve requests", code="engine_unhealthy") from e
         except ValueError as e:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import uvicorn
 
+from small4.chat.media import MediaPolicy, parse_allowed_domains
 from small4.config import EngineConfig, parse_bytes
 from small4.engine.async_engine import AsyncEngine
 from small4.server.app import AppOptions, build_app
@@ -37,6 +38,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before answering 503")
     p.add_argument("--max-body-bytes", type=parse_bytes, default=32 * 1024 * 1024)
     p.add_argument("--shutdown-timeout", type=float, default=30.0)
+    p.add_argument("--allowed-media-domains", default="", help="hosts remote image URLs may come from (off if empty)")
+    p.add_argument("--max-images-per-request", type=int, default=8)
+    p.add_argument("--max-image-bytes", type=parse_bytes, default=10 * 1024 * 1024)
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--media-fetch-timeout", type=float, default=10.0)
 
 
 def build_from_args(args: argparse.Namespace):
@@ -60,7 +66,14 @@ def build_from_args(args: argparse.Namespace):
     limits = ServerLimits(
         max_model_len=engine.engine.max_model_len, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes
     )
-    ctx = ServerContext(engine, Tokenizer.from_file(model_dir), name, limits)
+    media = MediaPolicy(
+        allowed_domains=parse_allowed_domains(args.allowed_media_domains),
+        max_images=args.max_images_per_request,
+        max_image_bytes=args.max_image_bytes,
+        max_pixels=args.max_image_pixels,
+        fetch_timeout_s=args.media_fetch_timeout,
+    )
+    ctx = ServerContext(engine, Tokenizer.from_file(model_dir), name, limits, media)
     return build_app(ctx, AppOptions(api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout)), ctx
 
 

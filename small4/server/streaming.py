@@ -29,6 +29,20 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {payload}\n\n"
 
 
+async def sse_response_body(chunks: AsyncIterator[str], metrics: ServerMetrics, endpoint: str) -> AsyncIterator[str]:
+    """Frames a handler's SSE chunks: ``[DONE]`` at the end, and an error event (then ``[DONE]``) if the engine
+    fails mid-stream, since the 200 status line has already gone out."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except APIError as e:
+        metrics.requests.labels(endpoint, str(e.status)).inc()
+        yield sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": e.status}})
+    else:
+        metrics.requests.labels(endpoint, "200").inc()
+    yield sse("[DONE]")
+
+
 async def timed_outputs(stream: RequestStream, metrics: ServerMetrics, endpoint: str) -> AsyncIterator[RequestOutput]:
     """Yields the engine's outputs, recording TTFT, inter-token latency, end-to-end latency and token counts;
     closing this generator closes (and so aborts) the engine stream. An engine failure becomes a 500."""

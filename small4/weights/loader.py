@@ -4,13 +4,17 @@ Loading streams tensor by tensor, shard by shard, into parameters that were allo
 so the model never exists twice. FP8 weights are either dequantised (``keep_fp8=False``, the CPU path) or kept
 FP8 with their scales for the GPU kernels. Every tensor must land somewhere and every parameter must be filled:
 anything missing, unexpected, mis-shaped or of an unknown dtype fails with the tensor's name.
+
+Vision tensors load into ``model.vision`` (always dequantised to the model dtype); native q/k rows are reordered
+from interleaved to the rotate-half rope order the vision tower uses. A model built without a vision tower (a
+text-only config) skips them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +24,7 @@ from tqdm import tqdm
 
 from small4.config import ModelConfig
 from small4.model.mistral4 import Mistral4Model
+from small4.model.vision import interleaved_to_rotate_half
 from small4.weights.names import Destination, NameMapper, is_vision, split_role
 from small4.weights.quant import FP8_DTYPE, dequantize_fp8
 
@@ -92,11 +97,14 @@ class WeightLoader:
                 self.load_tensor(name, tensor, state)
 
     def load_tensor(self, name: str, tensor: torch.Tensor, state: _LoadState) -> None:
-        if is_vision(name):
+        if is_vision(name) and self.model.vision is None:
             state.skipped_vision += 1
             return
         if tensor.dtype not in SUPPORTED_DTYPES:
             raise CheckpointError(f"tensor {name}: unsupported dtype {tensor.dtype}")
+        if is_vision(name) and name.endswith(".bias"):
+            self._load_bias(name, tensor, state)
+            return
         base, role = split_role(name)
         dest = self.mapper.map(base)
         if dest is None or role == "unknown":
@@ -114,6 +122,15 @@ class WeightLoader:
         del state.pending[base]
         self._store(dest, pending, state)
 
+    def _load_bias(self, name: str, tensor: torch.Tensor, state: _LoadState) -> None:
+        """Biases exist only in the vision projector (``multimodal_projector_bias`` / ``adapter_bias``)."""
+        dest = self.mapper.map(name[: -len(".bias")])
+        if dest is None or getattr(self.modules[dest.module], "bias", None) is None:
+            raise CheckpointError(f"unexpected tensor {name}: no parameter of the model takes it")
+        if tensor.dtype == FP8_DTYPE:
+            raise CheckpointError(f"tensor {name}: unsupported dtype {tensor.dtype} for a bias")
+        self._store(replace(dest, param="bias"), _Pending(weight=tensor, name=name), state)
+
     def _store(self, dest: Destination, pending: _Pending, state: _LoadState) -> None:
         module = self.modules[dest.module]
         param = getattr(module, dest.param)
@@ -129,6 +146,8 @@ class WeightLoader:
             view.copy_(scale.float().reshape(view.shape) if scale.numel() == view.numel() else scale.float())
         elif weight.dtype == FP8_DTYPE:
             weight = dequantize_fp8(weight, scale, torch.float32)
+        if dest.interleaved_heads:
+            weight = interleaved_to_rotate_half(weight, dest.interleaved_heads)
         key = self._key(dest)
         if key in state.seen:
             raise CheckpointError(f"tensor {pending.name}: given twice (or fused and unfused at once)")
@@ -174,6 +193,8 @@ class WeightLoader:
             dest = self.mapper.map(base)
             if dest is not None and self._key(dest) not in state.seen:
                 by_param.setdefault(f"{dest.module}.{dest.param}", base)
+            if dest is not None and dest.module.startswith("vision."):
+                by_param.setdefault(f"{dest.module}.bias", f"{base}.bias")
         missing = []
         for name, param in self.model.named_parameters():
             if state.filled.get(name, 0) < param.numel():
@@ -190,11 +211,33 @@ class WeightLoader:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(f"missing tensor {missing[0]}{more}")
         if state.skipped_vision:
-            log.info("left %d vision tensors for the vision tower", state.skipped_vision)
+            log.info("skipped %d vision tensors: the model has no vision tower", state.skipped_vision)
 
 
 def expected_bases(config: ModelConfig) -> list[str]:
-    """Base names (in the checkpoint's own layout) of every tensor the decoder needs."""
+    """Base names (in the checkpoint's own layout) of every tensor the decoder and vision tower need."""
+    return _text_bases(config) + _vision_bases(config)
+
+
+def _vision_bases(config: ModelConfig) -> list[str]:
+    v = config.vision
+    if v is None:
+        return []
+    if config.layout == "mistral":
+        names = ["vision_encoder.patch_conv", "vision_encoder.ln_pre", "pre_mm_projector_norm"]
+        names += ["patch_merger.merging_layer", "vision_language_adapter.w_in", "vision_language_adapter.w_out"]
+        block = ["attention_norm", "ffn_norm", *(f"attention.w{x}" for x in "qkvo")]
+        block += [f"feed_forward.w{x}" for x in "123"]
+        return names + [f"vision_encoder.transformer.layers.{i}.{n}" for i in range(v.num_layers) for n in block]
+    t, m = "model.vision_tower.", "model.multi_modal_projector."
+    names = [f"{t}patch_conv", f"{t}ln_pre"] + [f"{m}{n}" for n in ("norm", "patch_merger.merging_layer")]
+    names += [f"{m}linear_1", f"{m}linear_2"]
+    block = ["attention_norm", "ffn_norm", *(f"attention.{x}_proj" for x in "qkvo")]
+    block += [f"feed_forward.{x}_proj" for x in ("gate", "up", "down")]
+    return names + [f"{t}transformer.layers.{i}.{n}" for i in range(v.num_layers) for n in block]
+
+
+def _text_bases(config: ModelConfig) -> list[str]:
     t, native = config.text, config.layout == "mistral"
     if native:
         names = ["tok_embeddings", "norm", "output"]

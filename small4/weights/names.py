@@ -4,6 +4,10 @@ A checkpoint tensor is a ``(base, role)`` pair: ``base`` names one weight (``lay
 says whether the tensor is that weight, its FP8 scale or its static activation scale. Each base maps to a
 ``Destination``: a parameter of the model and the slice of it the tensor fills (fused gate/up halves, one expert of
 a stacked expert tensor) plus where its scale goes when the weight stays FP8.
+
+Vision tensors (``is_vision``) map into ``vision.*`` (model/vision.py) when the config has a vision tower. The
+vision q/k rows are kept in rotate-half rope order (transformers'); native files store them interleaved, so their
+Destination carries ``interleaved_heads`` and the loader reorders the rows.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ class Destination:
     index: Index = ()  # slice of the parameter this tensor fills
     scale_shape: tuple[int, ...] = ()  # full scale tensor of the parameter when kept in FP8
     scale_index: Index = ()  # where this tensor's scale goes inside it
-    quantizable: bool = True  # False: always dequantised (norms, router, embeddings, lm_head)
+    quantizable: bool = True  # False: always dequantised (norms, router, embeddings, lm_head, vision)
+    interleaved_heads: int = 0  # > 0: q/k rows of this many heads in interleaved rope order, to reorder at load
 
 
 def split_role(name: str) -> tuple[str, str]:
@@ -85,6 +90,30 @@ _NATIVE_ATTN = {
     "wkv_b": "kv_b_proj",
     "wo": "o_proj",
 }
+_HF_VISION_TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
+_HF_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+_HF_VISION_BLOCK = (
+    r"transformer\.layers\.(\d+)\."
+    r"(attention_norm|ffn_norm|attention\.[qkvo]_proj|feed_forward\.(?:gate|up|down)_proj)"
+)
+_HF_PROJECTOR = ("norm", "patch_merger.merging_layer", "linear_1", "linear_2")
+_NATIVE_VISION_BLOCK = {
+    "attention_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+    "attention.wq": "attention.q_proj",
+    "attention.wk": "attention.k_proj",
+    "attention.wv": "attention.v_proj",
+    "attention.wo": "attention.o_proj",
+    "feed_forward.w1": "feed_forward.gate_proj",
+    "feed_forward.w2": "feed_forward.down_proj",
+    "feed_forward.w3": "feed_forward.up_proj",
+}
+_NATIVE_PROJECTOR = {
+    "pre_mm_projector_norm": "norm",
+    "patch_merger.merging_layer": "patch_merger.merging_layer",
+    "vision_language_adapter.w_in": "linear_1",
+    "vision_language_adapter.w_out": "linear_2",
+}
 _NATIVE_EXPERT = {"w1": ("gate", 0), "w3": ("up", 1), "w2": ("down", None)}
 _HF_EXPERT = {"gate_proj": ("gate", 0), "up_proj": ("up", 1), "down_proj": ("down", None)}
 
@@ -96,8 +125,13 @@ class NameMapper:
         t = config.text
         self.E, self.I, self.layout = t.num_experts, t.moe_intermediate_size, config.layout
         self.shared_I = t.moe_intermediate_size * t.num_shared_experts
+        self.vision = config.vision
 
     def map(self, base: str) -> Destination | None:
+        if is_vision(base + "."):
+            if self.vision is None:
+                return None
+            return self._map_vision_native(base) if self.layout == "mistral" else self._map_vision_hf(base)
         if self.layout == "mistral":
             return self._map_native(base)
         return self._map_hf(base)
@@ -158,6 +192,37 @@ class NameMapper:
         if m2:
             return self._shared(layer, *_NATIVE_EXPERT[m2.group(1)])
         return None
+
+    def _map_vision_hf(self, base: str) -> Destination | None:
+        for prefix in _HF_VISION_TOWER_PREFIXES:
+            if base.startswith(prefix):
+                rest = base[len(prefix) :]
+                if rest in ("patch_conv", "ln_pre"):
+                    return self._vision(f"encoder.{rest}")
+                m = re.fullmatch(_HF_VISION_BLOCK, rest)
+                if m and int(m.group(1)) < self.vision.num_layers:
+                    return self._vision(f"encoder.{rest}", interleaved=False)
+                return None
+        for prefix in _HF_PROJECTOR_PREFIXES:
+            if base.startswith(prefix) and base[len(prefix) :] in _HF_PROJECTOR:
+                return self._vision(f"projector.{base[len(prefix) :]}")
+        return None
+
+    def _map_vision_native(self, base: str) -> Destination | None:
+        if base in _NATIVE_PROJECTOR:
+            return self._vision(f"projector.{_NATIVE_PROJECTOR[base]}")
+        if base in ("vision_encoder.patch_conv", "vision_encoder.ln_pre"):
+            return self._vision(f"encoder.{base[len('vision_encoder.') :]}")
+        m = re.fullmatch(r"vision_encoder\.transformer\.layers\.(\d+)\.(.+)", base)
+        if m and int(m.group(1)) < self.vision.num_layers and m.group(2) in _NATIVE_VISION_BLOCK:
+            inner = _NATIVE_VISION_BLOCK[m.group(2)]
+            return self._vision(f"encoder.transformer.layers.{m.group(1)}.{inner}", interleaved=True)
+        return None
+
+    def _vision(self, module: str, interleaved: bool = False) -> Destination:
+        qk = module.endswith(("attention.q_proj", "attention.k_proj"))
+        heads = self.vision.num_heads if interleaved and qk else 0
+        return Destination(f"vision.{module}", "weight", quantizable=False, interleaved_heads=heads)
 
     @staticmethod
     def _attn(module: str) -> Destination:

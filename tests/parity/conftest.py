@@ -81,16 +81,59 @@ def native_text_to_hf(sd: dict[str, torch.Tensor], num_layers: int, num_experts:
     return out
 
 
-def reference_model(hf_config: dict, text_state_dict: dict[str, torch.Tensor]):
-    """transformers' Mistral3ForConditionalGeneration in fp32 with the given text weights (vision left random)."""
+_NATIVE_TO_HF_VISION_BLOCK = {
+    "attention_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+    "attention.wq": "attention.q_proj",
+    "attention.wk": "attention.k_proj",
+    "attention.wv": "attention.v_proj",
+    "attention.wo": "attention.o_proj",
+    "feed_forward.w1": "feed_forward.gate_proj",
+    "feed_forward.w3": "feed_forward.up_proj",
+    "feed_forward.w2": "feed_forward.down_proj",
+}
+
+
+def native_vision_to_hf(sd: dict[str, torch.Tensor], num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
+    """Written independently of small4's loader: native Pixtral + adapter names -> transformers Mistral3 names.
+
+    Native q/k rows pair lanes (2i, 2i+1) of each head for rope; transformers pairs (i, i + head_dim/2), so each
+    head's rows are gathered even-indexed first, then odd-indexed."""
+    v, m = "model.vision_tower.", "model.multi_modal_projector."
+    out = {
+        v + "patch_conv.weight": sd["vision_encoder.patch_conv.weight"],
+        v + "ln_pre.weight": sd["vision_encoder.ln_pre.weight"],
+        m + "norm.weight": sd["pre_mm_projector_norm.weight"],
+        m + "patch_merger.merging_layer.weight": sd["patch_merger.merging_layer.weight"],
+        m + "linear_1.weight": sd["vision_language_adapter.w_in.weight"],
+        m + "linear_2.weight": sd["vision_language_adapter.w_out.weight"],
+    }
+    for i in range(num_layers):
+        for nat, hf in _NATIVE_TO_HF_VISION_BLOCK.items():
+            w = sd[f"vision_encoder.transformer.layers.{i}.{nat}.weight"]
+            if nat in ("attention.wq", "attention.wk"):
+                head_dim = w.shape[0] // num_heads
+                order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+                rows = torch.cat([h * head_dim + order for h in range(num_heads)])
+                w = w[rows]
+            out[f"{v}transformer.layers.{i}.{hf}.weight"] = w
+    return out
+
+
+def reference_model(hf_config: dict, state_dict: dict[str, torch.Tensor], with_vision: bool = False):
+    """transformers' Mistral3ForConditionalGeneration in fp32 with the given weights: text only (vision left
+    random) or, with ``with_vision``, every weight (strict)."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     cfg = dict(hf_config)
     cfg.pop("quantization_config", None)
     model = Mistral3ForConditionalGeneration(Mistral3Config(**cfg)).float().eval()
-    missing, unexpected = model.load_state_dict(text_state_dict, strict=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     assert not unexpected, unexpected
-    assert all("vision_tower" in k or "multi_modal_projector" in k for k in missing), missing
+    if with_vision:
+        assert not missing, missing
+    else:
+        assert all("vision_tower" in k or "multi_modal_projector" in k for k in missing), missing
     return model
 
 
@@ -109,7 +152,7 @@ class PagedGreedy:
         # a scrambled block order, so that paging bugs cannot hide behind contiguous blocks
         self.block_table = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).to(torch.int32)
 
-    def _step(self, tokens: list[int], start: int) -> torch.Tensor:
+    def _step(self, tokens: list[int], start: int, embeds: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(start, start + len(tokens))
         blocks = self.block_table[positions // self.block_size].long()
         slots = blocks * self.block_size + positions % self.block_size
@@ -120,13 +163,18 @@ class PagedGreedy:
             block_tables=self.block_table[None],
             block_size=self.block_size,
         )
-        hidden = self.model(torch.tensor(tokens), positions, meta, self.caches)
+        hidden = self.model(torch.tensor(tokens), positions, meta, self.caches, inputs_embeds=embeds)
         return self.model.compute_logits(hidden)
 
     @torch.no_grad()
-    def generate(self, prompt: list[int], max_new_tokens: int, chunk: int = 7) -> list[int]:
+    def generate(
+        self, prompt: list[int], max_new_tokens: int, chunk: int = 7, inputs_embeds: torch.Tensor | None = None
+    ) -> list[int]:
+        """``inputs_embeds`` [len(prompt), hidden] (e.g. with image rows merged in) replaces the prompt's token
+        embeddings during the chunked prefill."""
         for start in range(0, len(prompt), chunk):
-            logits = self._step(prompt[start : start + chunk], start)
+            embeds = None if inputs_embeds is None else inputs_embeds[start : start + chunk]
+            logits = self._step(prompt[start : start + chunk], start, embeds)
         out = [int(logits[-1].argmax())]
         while len(out) < max_new_tokens:
             logits = self._step([out[-1]], len(prompt) + len(out) - 1)

@@ -43,6 +43,18 @@ class RunningServer:
         self.thread.join(timeout=30)
 
 
+def wait_healthy(base: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{base} did not become healthy")
+
+
 def start_server(model_dir, *extra: str, api_key: str | None = None) -> RunningServer:
     port = free_port()
     argv = [
@@ -66,15 +78,8 @@ def start_server(model_dir, *extra: str, api_key: str | None = None) -> RunningS
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return RunningServer(base, ctx, server, thread, api_key)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("server did not start")
+    wait_healthy(base)
+    return RunningServer(base, ctx, server, thread, api_key)
 
 
 @pytest.fixture(scope="session")

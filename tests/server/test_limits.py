@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port, start_server
+from conftest import free_port, start_server, wait_healthy
 
 AUTH = {"Authorization": "Bearer test-key"}
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -169,13 +169,7 @@ def test_sigterm_finishes_in_flight_and_exits_zero(tiny_model_dir):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(base)
         body = {"prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}
         events = []
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:

@@ -305,8 +305,16 @@ def test_models_and_vllm_extensions(server):
 
 def test_no_special_token_text_leaks_into_content(server):
     """The random model often samples special tokens; only the parser's control tokens may reach it as text."""
-    r = server.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=64, temperature=1.0,
-                                                seed=4, n=4, reasoning_effort="high", tools=[WEATHER])
+    r = server.client().chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=64,
+        temperature=1.0,
+        seed=4,
+        n=4,
+        reasoning_effort="high",
+        tools=[WEATHER],
+    )
     for c in r.choices:
         text = (c.message.content or "") + (getattr(c.message, "reasoning_content", None) or "")
         assert "<SPECIAL_" not in text and "</s>" not in text and "[INST]" not in text
