@@ -111,9 +111,8 @@ class Engine:
         try:
             for index, seq_id in enumerate(ids):
                 self._add_sequence(
-                    seq_id, request_id, index, list(prompt_token_ids), params, token_mask_factory, block_hash_extras
+                    seq_id, request_id, index, list(prompt_token_ids), params, token_mask_factory, mm, block_hash_extras
                 )
-                self.sequences[seq_id].request.mm_inputs = mm
                 added.append(seq_id)
         except ValueError:
             for seq_id in added:
@@ -128,8 +127,10 @@ class Engine:
             raise ValueError("this model has no vision tower: images are not supported")
         return MultiModalInputs.build(prompt, images, vision.image_token_id, vision.tokens_per_image)
 
-    def _add_sequence(self, seq_id, parent_id, index, prompt, params, mask_factory, extras) -> None:
-        request = Request(seq_id, prompt, params, eos_token_id=self.tokenizer.eos_id, block_hash_extras=extras)
+    def _add_sequence(self, seq_id, parent_id, index, prompt, params, mask_factory, mm, extras) -> None:
+        request = Request(
+            seq_id, prompt, params, eos_token_id=self.tokenizer.eos_id, block_hash_extras=extras, mm_inputs=mm
+        )
         self.scheduler.add_request(request)
         generator = None
         if params.seed is not None:

@@ -31,6 +31,28 @@ def causal_softmax(scores: torch.Tensor, context_len: int) -> torch.Tensor:
     return masked.softmax(dim=-1)
 
 
+def decode_attention_padded(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """A decode-only step (one query per sequence) as one batched computation over contexts padded to the longest:
+    the same math as the per-sequence loop, without a Python loop over sequences."""
+    B, C = q_latent.shape[0], q_latent.shape[-1]
+    max_len = max(meta.seq_lens)
+    num_blocks = -(-max_len // kv_cache.shape[1])
+    ctx = kv_cache[meta.block_tables[:, :num_blocks].long()]  # [B, nb, BS, C + R]
+    ctx = ctx.reshape(B, -1, kv_cache.shape[-1])[:, :max_len].to(q_latent.dtype)  # [B, K, C + R]
+    c, k_rope = ctx[..., :C], ctx[..., C:]
+    scores = torch.einsum("bhc,bkc->bhk", q_latent, c) + torch.einsum("bhr,bkr->bhk", q_rope, k_rope)
+    lengths = torch.tensor(meta.seq_lens, device=scores.device)[:, None, None]  # [B, 1, 1]
+    valid = torch.arange(max_len, device=scores.device)[None, None, :] < lengths  # [B, 1, K]
+    probs = (scores * softmax_scale).float().masked_fill(~valid, float("-inf")).softmax(dim=-1).to(c.dtype)
+    return torch.einsum("bhk,bkc->bhc", probs, c)  # [B, H, C]
+
+
 def mla_attention_absorbed(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
@@ -41,6 +63,20 @@ def mla_attention_absorbed(
 ) -> torch.Tensor:
     """q_latent [T, H, C], q_rope [T, H, R]; ``latents`` [T, C + R] are this step's new rows (used directly when
     there is no cache). Returns the attention output in latent space, [T, H, C]."""
+    if meta.uses_cache and len(meta.query_start_loc) - 1 == q_latent.shape[0]:
+        return decode_attention_padded(q_latent, q_rope, kv_cache, meta, softmax_scale)
+    return attention_per_sequence(q_latent, q_rope, latents, kv_cache, meta, softmax_scale)
+
+
+def attention_per_sequence(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latents: torch.Tensor,
+    kv_cache: torch.Tensor | None,
+    meta: AttentionMetadata,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Any mix of prefill chunks and decodes, one sequence at a time: the obviously correct form."""
     C = q_latent.shape[-1]
     out = torch.empty_like(q_latent)
     for i in range(meta.num_seqs):
