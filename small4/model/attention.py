@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from small4.config import TextConfig
+from small4.kernels.backend import kernel_backend
 from small4.kernels.mla_reference import causal_softmax, gather_context, mla_attention_absorbed
 from small4.model.context import AttentionMetadata
 from small4.model.layers import Linear, RMSNorm, RotaryEmbedding, llama4_query_scale
@@ -83,7 +84,23 @@ class MLAttention(nn.Module):
     def _attend_absorbed(self, q_nope, q_rope, latents, meta, kv_cache) -> torch.Tensor:
         w_uk, w_uv = self._kv_b_split(q_nope.dtype)
         q_latent = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, H, C]
-        o_latent = mla_attention_absorbed(q_latent, q_rope, latents, kv_cache, meta, self.cfg.softmax_scale)
+        decode_only = meta.uses_cache and meta.num_seqs == q_latent.shape[0]  # one new token per sequence
+        if decode_only and kernel_backend(q_latent.device) == "triton":
+            from small4.kernels.mla_decode import mla_decode  # Triton is optional on CPU-only installs
+
+            # TODO: have the runner put seq_lens on the device once per step instead of once per layer.
+            seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int32).to(q_latent.device, non_blocking=True)
+            o_latent = mla_decode(
+                q_latent,
+                q_rope,
+                kv_cache,
+                meta.block_tables,
+                seq_lens,
+                self.cfg.softmax_scale,
+                max_seq_len=max(meta.seq_lens),
+            )
+        else:
+            o_latent = mla_attention_absorbed(q_latent, q_rope, latents, kv_cache, meta, self.cfg.softmax_scale)
         return torch.einsum("thc,hvc->thv", o_latent, w_uv)  # [T, H, v]
 
     def _attend_expanded(self, q_nope, q_rope, latents, meta, kv_cache) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from small4.config import TextConfig
+from small4.kernels.backend import kernel_backend
 from small4.kernels.moe_reference import fused_moe_reference
 from small4.model.layers import SwiGLU
 from small4.weights.quant import dequantize_fp8
@@ -43,6 +44,11 @@ class RoutedExperts(nn.Module):
         return dequantize_fp8(self.w13, self.w13_scale, dtype), dequantize_fp8(self.w2, self.w2_scale, dtype)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if kernel_backend(x.device) == "triton":
+            from small4.kernels.fused_moe import fused_moe  # imports triton: only on the Triton path
+
+            # FP8 weights go to the kernel as they are, with their scales; it dequantises tile by tile.
+            return fused_moe(x, self.w13, self.w2, topk_ids, topk_weights, self.w13_scale, self.w2_scale)
         w13, w2 = self.dense(x.dtype)
         return fused_moe_reference(x, w13, w2, topk_ids, topk_weights)
 
