@@ -88,8 +88,7 @@ class MLAttention(nn.Module):
         if decode_only and kernel_backend(q_latent.device) == "triton":
             from small4.kernels.mla_decode import mla_decode  # Triton is optional on CPU-only installs
 
-            # TODO: have the runner put seq_lens on the device once per step instead of once per layer.
-            seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int32).to(q_latent.device, non_blocking=True)
+            seq_lens = meta.device_seq_lens(q_latent.device)
             o_latent = mla_decode(
                 q_latent,
                 q_rope,

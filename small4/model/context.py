@@ -23,6 +23,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     block_size: int = 0
+    seq_lens_tensor: torch.Tensor | None = None  # int32 [B] on the device: made on first use, shared by all layers
 
     @property
     def num_seqs(self) -> int:
@@ -31,6 +32,12 @@ class AttentionMetadata:
     @property
     def uses_cache(self) -> bool:
         return self.block_tables is not None
+
+    def device_seq_lens(self, device: torch.device) -> torch.Tensor:
+        """``seq_lens`` as an int32 device tensor, made once per step (not once per layer) and then reused."""
+        if self.seq_lens_tensor is None or self.seq_lens_tensor.device != device:
+            self.seq_lens_tensor = torch.tensor(self.seq_lens, dtype=torch.int32).to(device, non_blocking=True)
+        return self.seq_lens_tensor
 
     @classmethod
     def for_prefill(cls, seq_lens: list[int]) -> AttentionMetadata:
