@@ -75,11 +75,27 @@ class ModelRunner:
         self.device = resolve_device(engine_cfg.device)
         self.dtype = resolve_dtype(engine_cfg.dtype, self.device)
         self.model: Mistral4Model = load_model(model_dir, dtype=self.dtype, device=self.device, progress=False)
+        self._setup()
+
+    @classmethod
+    def from_model(cls, model: Mistral4Model, engine_cfg: EngineConfig, num_blocks: int | None = None) -> ModelRunner:
+        """A runner around an already-built model (benchmarks with synthetic weights): all but the loading.
+        ``num_blocks`` overrides the cache size that the memory budget would give."""
+        runner = cls.__new__(cls)
+        runner.engine_cfg = engine_cfg
+        runner.device = model.embed_tokens.weight.device
+        runner.dtype = model.embed_tokens.weight.dtype
+        runner.model = model
+        runner._setup(num_blocks)
+        return runner
+
+    def _setup(self, num_blocks: int | None = None) -> None:
+        engine_cfg = self.engine_cfg
         self.model.set_attn_impl(engine_cfg.attn_impl)
         self.config: ModelConfig = self.model.config
         self.block_size = engine_cfg.block_size
         self.cache_dtype = cache_dtype(engine_cfg, self.dtype)
-        self.num_blocks = self._num_blocks()
+        self.num_blocks = num_blocks or self._num_blocks()
         text = self.config.text
         # empty, not zeros: a slot is always written before it is read, and untouched pages cost nothing
         self.kv_caches = [
