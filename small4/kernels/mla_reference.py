@@ -45,11 +45,13 @@ def decode_attention_padded(
     num_blocks = -(-max_len // kv_cache.shape[1])
     ctx = kv_cache[meta.block_tables[:, :num_blocks].long()]  # [B, nb, BS, C + R]
     ctx = ctx.reshape(B, -1, kv_cache.shape[-1])[:, :max_len].to(q_latent.dtype)  # [B, K, C + R]
+    lengths = torch.tensor(meta.seq_lens, device=ctx.device)[:, None]  # [B, 1]
+    valid = torch.arange(max_len, device=ctx.device)[None, :] < lengths  # [B, K]
+    # rows past a sequence's end are stale or never written (possibly NaN): zero them, since 0 * NaN is NaN
+    ctx = ctx.masked_fill(~valid[..., None], 0)
     c, k_rope = ctx[..., :C], ctx[..., C:]
     scores = torch.einsum("bhc,bkc->bhk", q_latent, c) + torch.einsum("bhr,bkr->bhk", q_rope, k_rope)
-    lengths = torch.tensor(meta.seq_lens, device=scores.device)[:, None, None]  # [B, 1, 1]
-    valid = torch.arange(max_len, device=scores.device)[None, None, :] < lengths  # [B, 1, K]
-    probs = (scores * softmax_scale).float().masked_fill(~valid, float("-inf")).softmax(dim=-1).to(c.dtype)
+    probs = (scores * softmax_scale).float().masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1).to(c.dtype)
     return torch.einsum("bhk,bkc->bhc", probs, c)  # [B, H, C]
 
 

@@ -33,6 +33,12 @@ def test_padded_decode_equals_loop(block_size, seq_lens):
         slot_mapping=torch.zeros(B, dtype=torch.long),
     )
     q_latent, q_rope = torch.randn(B, H, C, generator=g), torch.randn(B, H, R, generator=g)
+    for i, n in enumerate(seq_lens):  # never-written or stale rows may hold anything, NaN included
+        last, used_rows = tables[i][blocks_per_seq[i] - 1], n - (blocks_per_seq[i] - 1) * block_size
+        cache[last, used_rows:] = float("nan")
+    cache[[b for b in range(total) if all(b not in t[: blocks_per_seq[j]] for j, t in enumerate(tables))]] = float(
+        "nan"
+    )
     padded = decode_attention_padded(q_latent, q_rope, cache, meta, 0.3)
     loop = attention_per_sequence(q_latent, q_rope, None, cache, meta, 0.3)
     assert torch.allclose(padded, loop, atol=1e-5, rtol=1e-5)
