@@ -74,12 +74,19 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda _: __import__("small4.demo", fromlist=["main"]).main())
 
 
+def _add_train_demo(sub: argparse._SubParsersAction) -> None:
+    from small4.demo_model.train import add_parser
+
+    add_parser(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_make_tiny,
     _add_generate,
     _add_serve,
     _add_bench,
     _add_demo,
+    _add_train_demo,
 ]
 
 

@@ -1,8 +1,9 @@
 """`small4 demo`: the README's main job. Starts `small4 serve` on the embedded tiny model, talks to it with the
 official openai client (chat, streaming, a tool call, JSON output, a text completion), then stops it with SIGTERM.
 
-The embedded model has random weights, so the words are gibberish; what the demo shows is the whole path working:
-mistral-common rendering, the engine, grammar-constrained tool calls and JSON, parsing, streaming, shutdown.
+The embedded model is the tiny trained demo model (2M parameters): it greets, knows a few capitals, thinks when
+asked, calls tools and uses their results, and names the colour of shapes in images; it has not learned arithmetic
+(see small4/demo_model/checkpoint/training_log.json).
 """
 
 from __future__ import annotations
@@ -17,19 +18,7 @@ import time
 import httpx
 import openai
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 20}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
+DEMO_MODEL = "small4-tiny"
 
 
 def _free_port() -> int:
@@ -52,42 +41,55 @@ def _wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 300.0) -
     raise RuntimeError("server did not become healthy in time")
 
 
+def _ask(client: openai.OpenAI, content, **kw):
+    return client.chat.completions.create(
+        model=DEMO_MODEL, messages=[{"role": "user", "content": content}], max_tokens=64, temperature=0, **kw
+    )
+
+
 def _talk(client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": "Hello! Who are you?"}]
-    r = client.chat.completions.create(model="small4-tiny", messages=messages, max_tokens=24, temperature=0)
-    print(f"chat:       {r.choices[0].message.content!r}  usage={r.usage.model_dump()}")
+    from small4.demo_model.curriculum import TOOLS, data_url, shape_image
+
+    print(f"chat:        {_ask(client, 'Hello!').choices[0].message.content!r}")
+    print(f"chat:        {_ask(client, 'What is the capital of Japan?').choices[0].message.content!r}")
+    msg = _ask(client, "What is 12 + 7?", reasoning_effort="high").choices[0].message
+    print(f"reasoning:   [THINK] {getattr(msg, 'reasoning_content', None)!r} -> {msg.content!r}")
     stream = client.chat.completions.create(
-        model="small4-tiny", messages=messages, max_tokens=24, stream=True, reasoning_effort="high", seed=1
-    )
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    print(f"streamed:   {text!r}")
-    r = client.chat.completions.create(
-        model="small4-tiny",
-        tools=[WEATHER],
-        tool_choice="required",
-        max_tokens=128,
-        parallel_tool_calls=False,
-        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        model=DEMO_MODEL,
+        max_tokens=32,
         temperature=0,
+        stream=True,
+        messages=[{"role": "user", "content": "Who are you?"}],
     )
+    print(f"streamed:    {''.join(c.choices[0].delta.content or '' for c in stream if c.choices)!r}")
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model=DEMO_MODEL, messages=question, tools=TOOLS, max_tokens=64, temperature=0)
     call = r.choices[0].message.tool_calls[0]
-    print(f"tool call:  {call.function.name}({call.function.arguments})  finish_reason={r.choices[0].finish_reason}")
+    print(f"tool call:   {call.function.name}({call.function.arguments})  finish_reason={r.choices[0].finish_reason}")
+    result = json.dumps({"city": "Paris", "condition": "sunny", "temperature_c": 21})
+    history = question + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": result},
+    ]
+    r = client.chat.completions.create(model=DEMO_MODEL, messages=history, tools=TOOLS, max_tokens=64, temperature=0)
+    print(f"tool result: {result} -> {r.choices[0].message.content!r}")
+    import random
+
+    url = data_url(shape_image("blue", "circle", random.Random(7)))
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in this image?"}]
+    print(f"image:       (a blue circle) -> {_ask(client, content).choices[0].message.content!r}")
     schema = {
         "type": "object",
         "properties": {"answer": {"type": "string", "maxLength": 24}},
         "required": ["answer"],
         "additionalProperties": False,
     }
-    r = client.chat.completions.create(
-        model="small4-tiny",
-        max_tokens=64,
-        temperature=0,
-        messages=[{"role": "user", "content": "Answer in JSON."}],
+    r = _ask(
+        client,
+        "Answer in JSON.",
         response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
     )
-    print(f"json:       {json.loads(r.choices[0].message.content)}")
-    r = client.completions.create(model="small4-tiny", prompt="Once upon a time", max_tokens=16, temperature=0)
-    print(f"completion: {r.choices[0].text!r}")
+    print(f"json schema: {json.loads(r.choices[0].message.content)}")
 
 
 def main() -> int:

@@ -1,8 +1,10 @@
 """The embedded default model: what `small4 generate` / `small4 serve` run when no model directory is given.
 
-It is a tiny checkpoint in the exact real layout, written on first use by the make-tiny code into a per-user
-cache (``$SMALL4_CACHE`` or ``~/.cache/small4``) and reused afterwards, so the README's main command works on any
-machine with no download.
+The shipped default is the tiny *trained* demo model (``small4/demo_model/checkpoint``, made by
+``small4 train-demo``): the exact architecture at toy size, trained on synthetic chat, tool-call and image tasks, so
+the first command a newcomer runs answers sensibly. If that directory is missing (a stripped install), a random
+tiny checkpoint in the exact layout is written on first use into a per-user cache (``$SMALL4_CACHE`` or
+``~/.cache/small4``), so the server still starts with no download.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from small4.weights.tiny import make_tiny
 
 EMBEDDED_NAME = "tiny-hf-seed0-v1"
+SHIPPED_DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "checkpoint"
 
 
 def cache_root() -> Path:
@@ -22,7 +25,13 @@ def cache_root() -> Path:
 
 
 def embedded_model_dir() -> Path:
-    """Path of the embedded tiny model, creating it atomically (temp dir + rename) if it is not there yet."""
+    """The trained demo checkpoint when shipped, else a random tiny one (created atomically on first use)."""
+    if (SHIPPED_DEMO_DIR / "config.json").is_file() and (SHIPPED_DEMO_DIR / "tekken.json").is_file():
+        return SHIPPED_DEMO_DIR
+    return random_tiny_model_dir()
+
+
+def random_tiny_model_dir() -> Path:
     target = cache_root() / EMBEDDED_NAME
     if (target / "tekken.json").is_file():
         return target

@@ -1,0 +1,484 @@
+"""`small4 train-demo`: trains the tiny demo model on the curriculum and writes it in the exact HF layout.
+
+The model is the real architecture (``Mistral4Model``: MLA with q/kv LoRA, MoE with a shared expert, YaRN, the
+Pixtral tower) at tiny widths (``demo_spec``), initialised by ``tiny.random_hf_state_dict`` and loaded through
+the real loader, then trained in float32 with AdamW on the causal-LM loss of the assistant tokens only
+(``curriculum.encode_example`` masks). Examples are packed into one flat batch per step, the way the engine runs
+prefill (``AttentionMetadata.for_prefill``); image examples go through ``model.vision`` and ``model.embed``.
+
+After training the weights are saved in bf16 under the HF names (``config.json``, sharded safetensors with index,
+``tekken.json``), then the saved checkpoint is evaluated on held-out examples (another seed) with greedy decoding
+through the real ``Engine`` and ``chat.parse.OutputParser``; ``training_log.json`` records config, losses,
+accuracies and wall time, and ``loss.png`` the loss curve (drawn with PIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from small4.chat.parse import OutputParser
+from small4.chat.render import ChatRenderer
+from small4.demo_model.curriculum import (
+    TASK_WEIGHTS,
+    TASKS,
+    EncodedExample,
+    Example,
+    encode_example,
+    eval_examples,
+    make_example,
+)
+from small4.model.context import AttentionMetadata
+from small4.model.mistral4 import Mistral4Model
+from small4.weights.loader import load_model
+from small4.weights.names import NameMapper, split_role
+from small4.weights.tekken_tiny import write_tiny_tekken
+from small4.weights.tiny import TinySpec, hf_config, make_tiny, random_hf_state_dict, write_shards
+
+DEFAULT_OUT = Path(__file__).parent / "checkpoint"
+MAX_FILE_BYTES = 5 * 1024 * 1024
+
+
+def demo_spec() -> TinySpec:
+    """The shipped demo model: about 2M parameters, under 5 MB in bf16 with its tokenizer."""
+    return TinySpec(
+        num_bpe_ranks=2000,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        num_shared_experts=1,
+        vision_hidden=64,
+        vision_layers=1,
+        vision_heads=2,
+        vision_intermediate=128,
+    )
+
+
+def micro_spec() -> TinySpec:
+    """A much smaller model of the same architecture, for tests."""
+    return TinySpec(
+        num_bpe_ranks=1000,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        num_shared_experts=1,
+        vision_hidden=16,
+        vision_layers=1,
+        vision_heads=2,
+        vision_intermediate=32,
+    )
+
+
+# -- model I/O ------------------------------------------------------------------------------------------------
+
+
+def initial_model(spec: TinySpec, seed: int) -> Mistral4Model:
+    """``random_hf_state_dict`` weights loaded through the real loader, float32, all parameters trainable."""
+    with tempfile.TemporaryDirectory(prefix="small4-demo-init-") as tmp:
+        make_tiny(tmp, layout="hf", seed=seed, spec=spec, dtype=torch.float32)
+        model = load_model(tmp, dtype=torch.float32, progress=False)
+    model.requires_grad_(True)
+    return model.train()
+
+
+def export_hf_state_dict(model: Mistral4Model, spec: TinySpec, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The model's weights under the HF checkpoint names ``tiny.random_hf_state_dict`` uses (inverse of the loader)."""
+    mapper = NameMapper(model.config)
+    out: dict[str, torch.Tensor] = {}
+    for name, ref in random_hf_state_dict(spec, 0).items():
+        base, role = split_role(name)
+        dest = mapper.map(base)
+        if dest is None or role != "weight":
+            raise RuntimeError(f"cannot export {name}")
+        param = getattr(model.get_submodule(dest.module), dest.param)
+        tensor = param[dest.index] if dest.index else param
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise RuntimeError(f"{name}: model shape {tuple(tensor.shape)}, checkpoint shape {tuple(ref.shape)}")
+        out[name] = tensor.detach().to(dtype).contiguous().clone()
+    return out
+
+
+def save_checkpoint(model: Mistral4Model, spec: TinySpec, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config(spec, fp8=False), indent=2))
+    for old in out.glob("model-*.safetensors"):
+        old.unlink()
+    write_shards(export_hf_state_dict(model, spec), out, "hf")
+    write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks)
+
+
+def load_renderer(model_dir: Path) -> ChatRenderer:
+    return ChatRenderer(MistralTokenizer.from_file(str(model_dir / "tekken.json")))
+
+
+# -- training -------------------------------------------------------------------------------------------------
+
+
+def batch_examples(renderer: ChatRenderer, rng: random.Random, token_budget: int, tasks=TASKS) -> list:
+    """Draws examples (tasks in turn from a shuffled cycle) until the packed batch would exceed the budget."""
+    weights = [TASK_WEIGHTS[t] for t in tasks]
+    batch: list[EncodedExample] = []
+    total = 0
+    while True:
+        enc = encode_example(renderer, make_example(rng.choices(tasks, weights)[0], rng))
+        if batch and total + len(enc.tokens) > token_budget:
+            return batch
+        batch.append(enc)
+        total += len(enc.tokens)
+
+
+def batch_loss(model: Mistral4Model, batch: list[EncodedExample]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token loss over the masked (assistant) tokens of a packed batch; per-task means for logging."""
+    ids, positions, labels, lens, img_slots, pixels, owner = [], [], [], [], [], [], []
+    offset = 0
+    image_token = model.config.vision.image_token_id if model.config.vision else -1
+    for k, enc in enumerate(batch):
+        n = len(enc.tokens)
+        ids.extend(enc.tokens)
+        positions.extend(range(n))
+        labels.extend([enc.tokens[i + 1] if enc.mask[i + 1] else -100 for i in range(n - 1)] + [-100])
+        owner.extend([k] * n)
+        lens.append(n)
+        if enc.images:
+            img_slots.extend(offset + i for i, t in enumerate(enc.tokens) if t == image_token)
+            pixels.extend(torch.as_tensor(img, dtype=torch.float32) for img in enc.images)
+        offset += n
+    input_ids = torch.tensor(ids)
+    embeds = None
+    if pixels:
+        image_embeds = torch.cat(model.vision(pixels))
+        embeds = model.embed(input_ids, image_embeds, torch.tensor(img_slots))
+    hidden = model(input_ids, torch.tensor(positions), AttentionMetadata.for_prefill(lens), inputs_embeds=embeds)
+    target = torch.tensor(labels)
+    keep = target >= 0
+    losses = F.cross_entropy(model.compute_logits(hidden[keep]), target[keep], reduction="none")
+    owners = torch.tensor(owner)[keep]
+    per_task: dict[str, list[float]] = defaultdict(list)
+    for k, enc in enumerate(batch):
+        per_task[enc.example.task].append(losses[owners == k].mean().item())
+    return losses.mean(), {t: sum(v) / len(v) for t, v in per_task.items()}
+
+
+def train(
+    out: Path = DEFAULT_OUT,
+    steps: int = 2000,
+    seed: int = 0,
+    spec: TinySpec | None = None,
+    token_budget: int = 2048,
+    lr: float = 3e-3,
+    eval_per_task: int = 30,
+    progress: bool = True,
+    threads: int = 2,
+    init_from: Path | None = None,
+) -> dict[str, Any]:
+    """Trains, saves the checkpoint to ``out``, evaluates it, writes ``training_log.json`` and ``loss.png``."""
+    spec = spec or demo_spec()
+    out = Path(out)
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    start = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks)
+    renderer = load_renderer(out)
+    previous = None
+    if init_from is None:
+        model = initial_model(spec, seed)
+    else:  # continue training a saved demo checkpoint (bf16 weights, fresh optimizer state)
+        init_from = Path(init_from)
+        previous_path = init_from / "training_log.json"
+        if previous_path.is_file():
+            previous = json.loads(previous_path.read_text())
+            previous.pop("eval_samples", None)
+        model = load_model(init_from, dtype=torch.float32, progress=False).requires_grad_(True).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
+    )
+    warmup = max(1, min(100, steps // 10))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    history: list[float] = []
+    seen: set[str] = set()
+    task_history: dict[str, list[float]] = defaultdict(list)
+    bar = tqdm(range(steps), desc="train-demo", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        batch = batch_examples(renderer, rng, token_budget)
+        seen.update(question_key(enc.example) for enc in batch)
+        loss, per_task = batch_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        history.append(loss.item())
+        for t, v in per_task.items():
+            task_history[t].append(v)
+        bar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.3f}")
+    train_s = time.monotonic() - start
+
+    model.eval()
+    save_checkpoint(model, spec, out)
+    earlier: list[float] = []
+    if previous is not None:
+        earlier = previous.get("loss_history") or [v for v in previous["loss_every_50_steps"] for _ in range(50)]
+        earlier = earlier[: previous["total_steps"] if "total_steps" in previous else previous["steps"]]
+    draw_loss_curve(earlier + history, out / "loss.png")
+    eval_start = time.monotonic()
+    accuracy, samples = evaluate(out, seed + 1000, eval_per_task, progress=progress)
+    overlap = seen_fraction(eval_examples(seed + 1000, eval_per_task), seen)
+    eval_s = time.monotonic() - eval_start
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    log = {
+        "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "steps": steps,
+        "total_steps": steps + (previous.get("total_steps", previous["steps"]) if previous else 0),
+        "init_from": "random_hf_state_dict" if previous is None else "previous phase (its log below)",
+        "seed": seed,
+        "token_budget_per_step": token_budget,
+        "lr": lr,
+        "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), warmup + cosine, grad clip 1.0",
+        "torch_threads": torch.get_num_threads(),
+        "train_wall_s": round(train_s, 1),
+        "eval_wall_s": round(eval_s, 1),
+        "final_loss": round(sum(history[-50:]) / len(history[-50:]), 4),
+        "final_loss_per_task": {t: round(sum(v[-50:]) / len(v[-50:]), 4) for t, v in sorted(task_history.items())},
+        "loss_every_50_steps": [
+            round(sum(history[i : i + 50]) / len(history[i : i + 50]), 4) for i in range(0, steps, 50)
+        ],
+        "eval_seed": seed + 1000,
+        "eval_per_task": eval_per_task,
+        "accuracy": accuracy,
+        "eval_questions_seen_in_training": overlap,
+        "eval_samples": samples,
+        "files": files,
+        "loss_history": [round(v, 4) for v in earlier + history],
+        "previous_phase": previous,
+    }
+    (out / "training_log.json").write_text(json.dumps(log, indent=2, ensure_ascii=False))
+    return log
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------
+
+
+def generate(model_dir: Path, renderer: ChatRenderer, examples: list[Example], max_tokens: int = 64) -> list[str]:
+    """Greedy outputs (control tokens kept as text) of the saved checkpoint through the real engine."""
+    from small4.config import EngineConfig
+    from small4.engine.engine import Engine
+    from small4.engine.multimodal import ImageInput
+    from small4.engine.sampling_params import SamplingParams
+
+    engine = Engine(model_dir, EngineConfig())
+    tok = renderer.tokenizer.instruct_tokenizer.tokenizer
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    tokens: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        rendered = renderer.render(ex.messages, tools=ex.tools, reasoning_effort=ex.reasoning_effort)
+        images = [ImageInput(torch.as_tensor(img), hashlib.sha256(img.tobytes()).digest()) for img in rendered.images]
+        engine.add_request(str(i), rendered.token_ids, params, images=images or None)
+        tokens[str(i)] = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens[o.request_id].extend(o.new_token_ids)
+    texts = []
+    for i in range(len(examples)):
+        ids = [t for t in tokens[str(i)] if t != tok.eos_id]
+        texts.append(tok.decode(ids, special_token_policy=SpecialTokenPolicy.KEEP))
+    return texts
+
+
+def parse_output(example: Example, text: str) -> dict[str, Any]:
+    parser = OutputParser(reasoning=example.reasoning_effort != "none", tools=example.tools is not None)
+    parser.feed(text)
+    parser.finish()
+    calls = [{"name": c.name, "arguments": c.arguments} for c in parser.tool_calls]
+    return {"content": parser.content.strip(), "reasoning": parser.reasoning_content, "tool_calls": calls}
+
+
+def score(example: Example, parsed: dict[str, Any]) -> dict[str, bool]:
+    """Named checks of one output; each is a 0/1 accuracy sample."""
+    exp, content = example.expected, parsed["content"]
+    if example.task in ("add", "sub", "order"):
+        return {f"{example.task}_{example.reasoning_effort}": content == exp["answer"]}
+    if example.task == "tool_call":
+        calls = parsed["tool_calls"]
+        ok_name = len(calls) == 1 and calls[0]["name"] == exp["name"]
+        try:
+            ok_args = ok_name and json.loads(calls[0]["arguments"]) == exp["arguments"]
+        except json.JSONDecodeError:
+            ok_args = False
+        return {"tool_call_name": ok_name, "tool_call_name_and_args": bool(ok_args)}
+    if example.task == "tool_answer":
+        return {
+            "tool_answer_exact": content == exp["answer"],
+            "tool_answer_uses_result": all(u in content for u in exp["uses"]),
+        }
+    if example.task == "vision":
+        words = content.lower()
+        colour = f" {exp['colour']} " in f" {words.replace('.', ' ')} "
+        shape = exp["shape"] in words
+        return {"vision_colour": colour, "vision_shape": shape, "vision_colour_and_shape": content == exp["answer"]}
+    return {"chat_exact": content == exp["answer"]}
+
+
+def question_key(example: Example) -> str:
+    """Identity of a text question (request without images); images are always fresh, so vision has none."""
+    if example.task == "vision":
+        return ""
+    contents = [m.get("content") for m in example.messages]  # tool call ids are random: leave them out
+    return json.dumps([example.task, example.reasoning_effort, contents], sort_keys=True)
+
+
+def seen_fraction(examples: list[Example], seen: set[str]) -> dict[str, float]:
+    """Per task, the fraction of held-out questions that also occurred (same text) during training."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for ex in examples:
+        if ex.task != "vision":
+            hits[ex.task].append(question_key(ex) in seen)
+    return {t: round(sum(v) / len(v), 3) for t, v in sorted(hits.items())}
+
+
+def evaluate(model_dir: Path, seed: int, per_task: int, progress: bool = True) -> tuple[dict, list]:
+    renderer = load_renderer(model_dir)
+    examples = eval_examples(seed, per_task)
+    texts = generate(model_dir, renderer, examples)
+    results: dict[str, list[bool]] = defaultdict(list)
+    samples = []
+    for ex, text in zip(examples, texts, strict=True):
+        parsed = parse_output(ex, text)
+        checks = score(ex, parsed)
+        for k, v in checks.items():
+            results[k].append(bool(v))
+        if len([s for s in samples if s["task"] == ex.task]) < 3:
+            question = ex.messages[0]["content"]
+            if not isinstance(question, str):
+                question = "<image> " + question[-1]["text"]
+            samples.append(
+                {"task": ex.task, "effort": ex.reasoning_effort, "question": question, "output": text, "checks": checks}
+            )
+    accuracy = {k: round(sum(v) / len(v), 3) for k, v in sorted(results.items())}
+    if progress:
+        for k, v in accuracy.items():
+            print(f"  {k:28s} {v:.3f}  (n={len(results[k])})")
+    return accuracy, samples
+
+
+# -- loss plot ------------------------------------------------------------------------------------------------
+
+
+def draw_loss_curve(history: list[float], path: Path, width: int = 640, height: int = 360) -> None:
+    """Training loss (raw in grey, 25-step moving average in blue) on a log-free linear axis, drawn with PIL."""
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 50, width - 15, 25, height - 35
+    d.rectangle((left, top, right, bottom), outline="black")
+    if history:
+        lo, hi = 0.0, max(history)
+        n = len(history)
+
+        def xy(i: int, v: float) -> tuple[float, float]:
+            x = left + (right - left) * i / max(1, n - 1)
+            y = bottom - (bottom - top) * (v - lo) / max(1e-9, hi - lo)
+            return x, y
+
+        d.line([xy(i, v) for i, v in enumerate(history)], fill=(190, 190, 190), width=1)
+        w = 25
+        smooth = [sum(history[max(0, i - w + 1) : i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(n)]
+        d.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
+        for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+            v = lo + (hi - lo) * frac
+            y = xy(0, v)[1]
+            d.line((left - 4, y, left, y), fill="black")
+            d.text((5, y - 6), f"{v:.2f}", fill="black")
+        for frac in (0.0, 0.5, 1.0):
+            i = int((n - 1) * frac)
+            x = xy(i, 0)[0]
+            d.text((x - 10, bottom + 5), str(i), fill="black")
+        d.text((left + 5, 5), f"small4 demo model: training loss ({n} steps, final {smooth[-1]:.3f})", fill="black")
+    d.text((width // 2 - 15, height - 15), "step", fill="black")
+    img.save(path, optimize=True)
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+
+
+def check_sizes(out: Path) -> int:
+    total = 0
+    for p in out.iterdir():
+        size = p.stat().st_size
+        total += size
+        if size > MAX_FILE_BYTES:
+            raise RuntimeError(f"{p} is {size} bytes, over the {MAX_FILE_BYTES} byte limit")
+    return total
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    log = train(
+        out,
+        steps=args.steps,
+        seed=args.seed,
+        token_budget=args.token_budget,
+        eval_per_task=args.eval_per_task,
+        threads=args.threads,
+        lr=args.lr,
+        init_from=Path(args.init_from) if args.init_from else None,
+    )
+    total = check_sizes(out)
+    print(f"wrote the demo model to {out} ({total / 1e6:.2f} MB) in {log['train_wall_s']:.0f} s of training")
+    print(json.dumps(log["accuracy"], indent=2))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-demo", help="train the tiny demo model on the chat curriculum (CPU, ~15 min)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output checkpoint directory")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token-budget", type=int, default=2048, help="tokens per packed training batch")
+    p.add_argument("--eval-per-task", type=int, default=30)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup, then cosine)")
+    p.add_argument("--init-from", help="continue training this demo checkpoint instead of random weights")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 on a busy machine)")
+    p.set_defaults(func=main)

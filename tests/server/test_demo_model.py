@@ -1,0 +1,78 @@
+"""The shipped trained demo model through the real server and the openai client.
+
+The thresholds sit below the held-out accuracies in small4/demo_model/checkpoint/training_log.json (chat 0.97,
+tool name 0.97, image colour 0.97). These tests fail if the prompt rendering (the model would see a format it was
+not trained on), the output parser (reasoning_content, tool_calls) or the image path is broken. Arithmetic, tool
+arguments and shapes are not asserted: the 2M-parameter model has not learned them (see the training log).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from conftest import start_server
+
+from small4.demo_model.curriculum import CAPITALS, COLOURS, SHAPES, TOOLS, data_url, shape_image
+from small4.weights.embedded import SHIPPED_DEMO_DIR, embedded_model_dir
+
+
+@pytest.fixture(scope="module")
+def demo():
+    assert embedded_model_dir() == SHIPPED_DEMO_DIR
+    s = start_server(SHIPPED_DEMO_DIR)
+    yield s.client()
+    s.stop()
+
+
+def _ask(client, content, **kw):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                          max_tokens=48, temperature=0, **kw)
+
+
+def test_greetings_and_capitals(demo):
+    assert _ask(demo, "Hello!").choices[0].message.content == "Hello! How can I help you today?"
+    assert "small4" in _ask(demo, "Who are you?").choices[0].message.content
+    right = sum(_ask(demo, f"What is the capital of {country}?").choices[0].message.content ==
+                f"The capital of {country} is {city}." for country, city in CAPITALS.items())
+    assert right >= 8, right
+
+
+def test_reasoning_effort_controls_thinking(demo):
+    high = _ask(demo, "What is 12 + 7?", reasoning_effort="high").choices[0].message
+    none = _ask(demo, "What is 12 + 7?", reasoning_effort="none").choices[0].message
+    assert getattr(high, "reasoning_content", None)
+    assert not getattr(none, "reasoning_content", None) and none.content
+
+
+def test_tool_call_round_trip(demo):
+    names = []
+    for city in ("Paris", "Tokyo", "Oslo", "Lima", "Rome"):
+        r = _ask(demo, f"What is the weather in {city}?", tools=TOOLS)
+        calls = r.choices[0].message.tool_calls or []
+        names.append(calls[0].function.name if calls else None)
+        if calls:
+            assert r.choices[0].finish_reason == "tool_calls" and isinstance(json.loads(calls[0].function.arguments),
+                                                                              dict)
+    assert names.count("get_weather") >= 4, names
+    call = {"id": "abcdefghi", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
+    history = [{"role": "user", "content": "What is the weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "abcdefghi",
+                "content": json.dumps({"city": "Paris", "condition": "sunny", "temperature_c": 21})}]
+    final = demo.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=48, temperature=0)
+    assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content.startswith("It is ")
+
+
+def test_names_colours_of_unseen_images(demo):
+    rng = random.Random(4242)  # not a training or evaluation seed
+    cases = [(colour, rng.choice(SHAPES)) for colour in COLOURS]
+    right = 0
+    for colour, shape in cases:
+        url = data_url(shape_image(colour, shape, rng))
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in this image?"}]
+        answer = _ask(demo, content).choices[0].message.content
+        right += answer.startswith(f"A {colour} ")
+    assert right >= 5, right
