@@ -41,6 +41,9 @@ def make_case(seq_lens, H, block_size, cache_dtype, q_dtype, seed):
     )
     q_latent = torch.randn(B, H, C, generator=g).to(q_dtype)
     q_rope = torch.randn(B, H, R, generator=g).to(q_dtype)
+    if cache_dtype == torch.float32:  # never-written rows may hold NaN: it must not leak through masked loads
+        for i, n in enumerate(seq_lens):
+            cache[tables[i][blocks_per_seq[i] - 1], n - (blocks_per_seq[i] - 1) * block_size :] = float("nan")
     return q_latent, q_rope, cache, meta
 
 
