@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from small4.bench.results import device_name, write_result
+from small4.bench.results import device_name, positive_int, write_result
 from small4.bench.synthetic import (
     FULL_SPEC,
     TINY_BENCH_SPEC,
@@ -642,13 +642,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def build_bench(args: argparse.Namespace) -> Bench:
     device = (
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -797,18 +790,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Registers ``full`` under ``small4 bench``."""
     p = sub.add_parser("full", help="decode/prefill throughput and roofline at the real shapes, random weights")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke runs) instead of the real ones")
-    p.add_argument("--layers", type=_positive_int, help="keep only the first L decoder layers (default: all)")
+    p.add_argument("--layers", type=positive_int, help="keep only the first L decoder layers (default: all)")
     p.add_argument("--dtype", choices=["bf16", "fp8"], default="fp8", help="attention and expert weight storage")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 64, 256])
     p.add_argument("--contexts", type=_int_list, default=[1024, 32768], help="decode context lengths")
-    p.add_argument("--prefill-len", type=_positive_int, default=8192)
+    p.add_argument("--prefill-len", type=positive_int, default=8192)
     p.add_argument(
-        "--prefill-chunk", type=_positive_int, default=8192, help="tokens per prefill forward (halved to fit)"
+        "--prefill-chunk", type=positive_int, default=8192, help="tokens per prefill forward (halved to fit)"
     )
-    p.add_argument("--decode-steps", type=_positive_int, default=20, help="timed decode steps per combo")
-    p.add_argument("--warmup-steps", type=_positive_int, default=3, help="untimed decode steps first")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timed prefill runs (median)")
-    p.add_argument("--block-size", type=_positive_int, default=16)
+    p.add_argument("--decode-steps", type=positive_int, default=20, help="timed decode steps per combo")
+    p.add_argument("--warmup-steps", type=positive_int, default=3, help="untimed decode steps first")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed prefill runs (median)")
+    p.add_argument("--block-size", type=positive_int, default=16)
     p.add_argument("--max-cache-memory", type=parse_bytes, help="skip combos whose latent cache exceeds this")
     p.add_argument("--reference", action="store_true", help="also time transformers generate at batch 1 and 8")
     p.add_argument("--cuda-graph", action="store_true", help="also time the decode forward as a CUDA graph replay")

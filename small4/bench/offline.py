@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from small4.bench.results import device_name, write_result
+from small4.bench.results import device_name, positive_int, write_result
 from small4.config import EngineConfig
 from small4.weights.tiny import TinySpec, make_tiny
 
@@ -290,27 +290,20 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Registers ``offline`` under ``small4 bench``."""
     p = sub.add_parser("offline", help="offline batch throughput of LLM.generate, beside transformers")
     p.add_argument("model", nargs="?", help="checkpoint directory; omitted: a random --tiny checkpoint")
     p.add_argument("--tiny", choices=sorted(TINY_SPECS), help="random model to build when MODEL is omitted (tiny)")
-    p.add_argument("--num-prompts", type=_positive_int, default=16)
-    p.add_argument("--input-len", type=_positive_int, default=128, help="prompt tokens per request")
-    p.add_argument("--output-len", type=_positive_int, default=64, help="generated tokens per request (exact)")
+    p.add_argument("--num-prompts", type=positive_int, default=16)
+    p.add_argument("--input-len", type=positive_int, default=128, help="prompt tokens per request")
+    p.add_argument("--output-len", type=positive_int, default=64, help="generated tokens per request (exact)")
     p.add_argument("--profile", choices=["latency", "throughput"], default="throughput")
-    p.add_argument("--max-num-seqs", type=_positive_int, help="override the profile's batch limit")
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, help="override the profile's token budget")
-    p.add_argument("--repeats", type=_positive_int, default=1, help="timed passes, fresh prompts each; best counts")
+    p.add_argument("--max-num-seqs", type=positive_int, help="override the profile's batch limit")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, help="override the profile's token budget")
+    p.add_argument("--repeats", type=positive_int, default=1, help="timed passes, fresh prompts each; best counts")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers run")
-    p.add_argument("--reference-batch-size", type=_positive_int, help="prompts per transformers batch (default: all)")
+    p.add_argument("--reference-batch-size", type=positive_int, help="prompts per transformers batch (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts (and of a --tiny model's weights)")
     p.add_argument("--out", help="result JSON path (default: bench/results/offline-<UTC time>.json)")
     p.set_defaults(func=main)

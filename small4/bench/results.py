@@ -7,6 +7,7 @@ whether the tree was dirty), UTC timestamp, the benchmark's config, then its mea
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -107,3 +108,11 @@ def write_result(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes that must be at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value

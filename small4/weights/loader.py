@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file  # noqa: F401  (re-exported for tests that read shards)
 from tqdm import tqdm
 
 from small4.config import ModelConfig
