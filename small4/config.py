@@ -237,7 +237,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     device: str = "auto"
-    attn_impl: Literal["absorb", "naive"] = "absorb"
+    attn_impl: Literal["auto", "absorb", "naive"] = "auto"
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (they are captured only on a GPU anyway)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from small4.bench.results import device_name, positive_int, write_result
+from small4.bench.serving import bench_tokenizer, measure_serving
 from small4.bench.synthetic import (
     FULL_SPEC,
     TINY_BENCH_SPEC,
@@ -46,6 +47,7 @@ from small4.bench.synthetic import (
     model_config,
 )
 from small4.config import EngineConfig, parse_bytes
+from small4.engine.cuda_graphs import DecodeGraphs
 from small4.engine.model_runner import ModelRunner
 from small4.engine.request import Request
 from small4.engine.sampling_params import SamplingParams
@@ -199,14 +201,16 @@ class Bench:
         self.runner.kv_caches = []
         _free_bytes(self.device)
         t = self.text
-        shape = (num_blocks, self.runner.block_size, t.latent_dim)
+        shape = (num_blocks + 1, self.runner.block_size, t.latent_dim)  # + the padding block of graph steps
         self.runner.kv_caches = [
             torch.empty(shape, dtype=self.runner.cache_dtype, device=self.device) for _ in range(self.layers)
         ]
         self.runner.num_blocks = num_blocks
+        self.runner.pad_block = num_blocks
 
     def release_cache(self) -> None:
         self.runner.kv_caches = []
+        self.runner.decode_graphs = None
         _free_bytes(self.device)
 
     def blocks_for(self, tokens: int) -> int:
@@ -217,7 +221,9 @@ class Bench:
         attention's [H, chunk, context] scores (bf16 product, float32 masked copy and softmax, bf16 probs) plus
         the MoE and projection intermediates, and the float32 logits of the sampled rows."""
         t = self.text
-        scores = t.num_heads * chunk * context * 12
+        # CPU SDPA materialises scores; a GPU runs flash attention over expanded K/V (3 x 128 wide per head)
+        scores = 0 if self.device.type == "cuda" else t.num_heads * chunk * context * 12
+        scores += context * t.num_heads * (2 * t.qk_head_dim + t.v_head_dim) * 2 if chunk > 1 else 0
         moe = chunk * t.num_experts_per_tok * 3 * t.moe_intermediate_size * 4 * 2
         proj = chunk * (16 * t.hidden_size + 4 * t.num_heads * (t.kv_lora_rank + t.qk_head_dim + t.v_head_dim))
         return scores + moe + proj + 8 * t.vocab_size
@@ -375,6 +381,10 @@ def _decode(bench: Bench, B: int, ctx: int, steps: int, warmup: int, per_seq: in
     first = bench.random_tokens(B, bench.seed + 1)
     for req, tok in zip(reqs, first, strict=True):
         req.output_token_ids.append(tok)
+    if bench.cuda_graph and device.type == "cuda":  # engine steps replay a captured decode graph, as serving does
+        runner.decode_graphs = DecodeGraphs(
+            runner.model, runner.kv_caches, runner.pad_block, per_seq, max_batch=B, batch_sizes=[B]
+        )
 
     def step(s: int) -> None:
         plan = SchedulerOutput([ScheduledRequest(r, 1, ctx + s, samples=True) for r in reqs])
@@ -430,6 +440,7 @@ def _decode(bench: Bench, B: int, ctx: int, steps: int, warmup: int, per_seq: in
             "tokens_per_s": B / (full_step_ms / 1e3),
         },
         "forward_graph": _graph_entry(bench, graph, head_ms, B),
+        "steps_replay_graphs": runner.decode_graphs is not None,
         "fill_seconds": fill_s,
         "fill_reused": reused,
         "fill_chunk": chunk,
@@ -642,6 +653,10 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _int_list_or_none(text: str) -> list[int]:
+    return [] if text.strip().lower() == "none" else _int_list(text)
+
+
 def build_bench(args: argparse.Namespace) -> Bench:
     device = (
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -686,6 +701,13 @@ def run_full_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
     ]
     bench.filled = None
     prefill = measure_prefill(bench, args.prefill_len, args.prefill_chunk, args.repeats)
+    serving = []
+    if args.serving_concurrency:
+        tokenizer = bench_tokenizer(bench.text.vocab_size)
+        serving = [
+            measure_serving(bench, tokenizer, c, args.serving_input_len, args.serving_output_len, max(4, 2 * c))
+            for c in args.serving_concurrency
+        ]
     reference, note, ratios = None, None, None
     if args.reference:
         note = reference_skip_reason(bench)
@@ -709,6 +731,10 @@ def run_full_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         "contexts": args.contexts,
         "prefill_len": args.prefill_len,
         "prefill_chunk": args.prefill_chunk,
+        "serving_concurrency": args.serving_concurrency,
+        "serving_input_len": args.serving_input_len,
+        "serving_output_len": args.serving_output_len,
+        "cuda_graph": bench.cuda_graph,
         "decode_steps": args.decode_steps,
         "warmup_steps": args.warmup_steps,
         "repeats": args.repeats,
@@ -722,6 +748,7 @@ def run_full_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
     results = {
         "decode": decode,
         "prefill": prefill,
+        "serving": serving,
         "memory": {
             "weights_bytes": weights_bytes,
             "peak_allocated_bytes": _overall_peak(build_peak, decode, prefill, _peak(device)),
@@ -767,6 +794,15 @@ def summary(config: dict[str, Any], results: dict[str, Any], device: str) -> str
                 f"  roofline batch 1, context {row['context']}: floor {d['floor_ms']:.3f} ms, forward "
                 f"{d['forward_ms']:.3f} ms ({d['floor_over_forward']:.0%} of floor), step {d['step_ms']:.3f} ms"
             )
+    for r in results["serving"]:
+        if r["status"] != "ok":
+            lines.append(f"  serving concurrency {r['concurrency']}: skipped: {r['reason']}")
+            continue
+        lines.append(
+            f"  serving {r['input_len']} in / {r['output_len']} out, concurrency {r['concurrency']}: "
+            f"{r['output_tokens_per_s']:.0f} out tok/s, TTFT p50 {r['ttft']['p50_ms']:.1f} ms p99 "
+            f"{r['ttft']['p99_ms']:.1f} ms, TPOT p50 {r['tpot']['p50_ms']:.2f} ms, ITL p99 {r['itl']['p99_ms']:.2f} ms"
+        )
     peak = results["memory"]["peak_allocated_bytes"]
     if peak is not None:
         lines.append(f"  peak memory {_gib(peak)}")
@@ -801,6 +837,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-steps", type=positive_int, default=20, help="timed decode steps per combo")
     p.add_argument("--warmup-steps", type=positive_int, default=3, help="untimed decode steps first")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed prefill runs (median)")
+    p.add_argument(
+        "--serving-concurrency",
+        type=_int_list_or_none,
+        default=[1, 32, 256],
+        help="closed-loop serving runs through the engine at these concurrencies ('none' skips them)",
+    )
+    p.add_argument("--serving-input-len", type=positive_int, default=1024)
+    p.add_argument("--serving-output-len", type=positive_int, default=512)
     p.add_argument("--block-size", type=positive_int, default=16)
     p.add_argument("--max-cache-memory", type=parse_bytes, help="skip combos whose latent cache exceeds this")
     p.add_argument("--reference", action="store_true", help="also time transformers generate at batch 1 and 8")

@@ -14,7 +14,9 @@ Tasks (``TASKS``):
   target is the call; ``tool_answer``: the call and its result are in the history and the target answer uses it;
 * ``vision``: a generated 56x56 image (a coloured circle, square or triangle on white) as a data URL; the target
   names colour and shape;
-* ``chat``: greetings and a few short factual templates (sometimes with the tools offered but not needed).
+* ``chat``: greetings and a few short factual templates (sometimes with the tools offered but not needed);
+* ``echo``: "repeat after me" with random numbers and words: the copying skill that arithmetic, ordering and tool
+  arguments all need, taught on its own.
 
 Everything is deterministic given the seed.
 """
@@ -33,8 +35,8 @@ from PIL import Image, ImageDraw
 
 from small4.chat.render import ChatRenderer
 
-TASKS = ("add", "sub", "order", "tool_call", "tool_answer", "vision", "chat")
-TASK_WEIGHTS = {"add": 3, "sub": 3, "order": 2, "tool_call": 3, "tool_answer": 3, "vision": 4, "chat": 2}
+TASKS = ("add", "sub", "order", "tool_call", "tool_answer", "vision", "chat", "echo")
+TASK_WEIGHTS = {"add": 3, "sub": 3, "order": 2, "tool_call": 3, "tool_answer": 3, "vision": 4, "chat": 2, "echo": 2}
 
 CALCULATOR = {
     "type": "function",
@@ -333,6 +335,16 @@ def _chat(rng: random.Random) -> Example:
     )
 
 
+def _echo(rng: random.Random) -> Example:
+    words = (*CITIES, *COLOURS, *SHAPES, *CONDITIONS)
+    items = [str(rng.randint(0, 999)) if rng.random() < 0.5 else rng.choice(words) for _ in range(rng.randint(1, 4))]
+    phrase = " ".join(items)
+    q = rng.choice(("Repeat after me: {p}", "Say this back: {p}", "Echo: {p}")).format(p=phrase)
+    return Example(
+        "echo", [{"role": "user", "content": q}], {"role": "assistant", "content": phrase}, expected={"answer": phrase}
+    )
+
+
 _GENERATORS = {
     "add": _add,
     "sub": _sub,
@@ -341,6 +353,7 @@ _GENERATORS = {
     "tool_answer": _tool_answer,
     "vision": _vision,
     "chat": _chat,
+    "echo": _echo,
 }
 
 

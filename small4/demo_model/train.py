@@ -104,12 +104,43 @@ def micro_spec() -> TinySpec:
 
 
 def initial_model(spec: TinySpec, seed: int) -> Mistral4Model:
-    """``random_hf_state_dict`` weights loaded through the real loader, float32, all parameters trainable."""
+    """A tiny checkpoint built through the real writer and loader, then ``training_init`` weights, float32."""
     with tempfile.TemporaryDirectory(prefix="small4-demo-init-") as tmp:
         make_tiny(tmp, layout="hf", seed=seed, spec=spec, dtype=torch.float32)
         model = load_model(tmp, dtype=torch.float32, progress=False)
+    training_init(model, seed)
     model.requires_grad_(True)
     return model.train()
+
+
+_OUTPUT_PROJECTIONS = ("o_proj", "experts.w2", "shared_experts.down", "feed_forward.down_proj")
+
+
+def training_init(model: Mistral4Model, seed: int) -> None:
+    """Re-draws every weight at a scale that trains well; ``random_hf_state_dict`` is tuned for parity tests instead.
+
+    The parity weights make attention logits and router scores large on purpose (so a wrong scale shows in the
+    logits), which saturates softmax from the first step and keeps a tiny model from learning where to attend
+    (it never learns to copy a number from the prompt). Here: norms at 1, inputs at fan_in^-1/2, projections
+    back into a residual stream damped by (2 * layers)^-1/2 (GPT-2), a near-uniform router.
+    """
+    g = torch.Generator().manual_seed(seed)
+    depth = max(1, len(model.layers))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+                continue
+            if name == "embed_tokens.weight":
+                std = 1.0
+            elif name.endswith("mlp.gate.weight"):
+                std = 0.02
+            else:
+                fan_in = param.shape[-1] if param.dim() <= 3 else param[0].numel()  # [E,] out, in / conv
+                std = fan_in**-0.5
+                if any(key in name for key in _OUTPUT_PROJECTIONS):
+                    std /= (2 * depth) ** 0.5
+            param.copy_(torch.randn(param.shape, generator=g) * std)
 
 
 def export_hf_state_dict(model: Mistral4Model, spec: TinySpec, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -273,7 +304,7 @@ def train(
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "steps": steps,
         "total_steps": steps + (previous.get("total_steps", previous["steps"]) if previous else 0),
-        "init_from": "random_hf_state_dict" if previous is None else "previous phase (its log below)",
+        "init_from": "training_init" if previous is None else "previous phase (its log below)",
         "seed": seed,
         "token_budget_per_step": token_budget,
         "lr": lr,
@@ -359,7 +390,7 @@ def score(example: Example, parsed: dict[str, Any]) -> dict[str, bool]:
         colour = f" {exp['colour']} " in f" {words.replace('.', ' ')} "
         shape = exp["shape"] in words
         return {"vision_colour": colour, "vision_shape": shape, "vision_colour_and_shape": content == exp["answer"]}
-    return {"chat_exact": content == exp["answer"]}
+    return {f"{example.task}_exact": content == exp["answer"]}
 
 
 def question_key(example: Example) -> str:

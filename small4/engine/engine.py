@@ -50,9 +50,20 @@ class _Sequence:
 
 class Engine:
     def __init__(self, model_dir: str | Path, engine_cfg: EngineConfig | None = None) -> None:
-        self.engine_cfg = engine_cfg or EngineConfig()
-        self.tokenizer = Tokenizer.from_file(model_dir)
-        self.runner = ModelRunner(model_dir, self.engine_cfg)
+        engine_cfg = engine_cfg or EngineConfig()
+        self._start(Tokenizer.from_file(model_dir), ModelRunner(model_dir, engine_cfg))
+
+    @classmethod
+    def from_runner(cls, runner: ModelRunner, tokenizer: Tokenizer) -> Engine:
+        """An engine around an already-built runner (benchmarks on synthetic weights); its config is the runner's."""
+        engine = cls.__new__(cls)
+        engine._start(tokenizer, runner)
+        return engine
+
+    def _start(self, tokenizer: Tokenizer, runner: ModelRunner) -> None:
+        self.engine_cfg = runner.engine_cfg
+        self.tokenizer = tokenizer
+        self.runner = runner
         text = self.runner.config.text
         if self.tokenizer.vocab_size > text.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens, model only {text.vocab_size}")
@@ -63,6 +74,7 @@ class Engine:
             self.runner.num_blocks, self.engine_cfg.block_size, self.engine_cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(self._scheduler_config(), self.block_manager)
+        self.runner.prepare_decode_graphs(self.max_model_len, self.engine_cfg.max_num_seqs)
         self.sampler = Sampler()
         self.sequences: dict[str, _Sequence] = {}
         self.children: dict[str, list[str]] = {}

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 
 from small4.config import EngineConfig, ModelConfig
+from small4.engine.cuda_graphs import DecodeGraphs
 from small4.engine.multimodal import MultiModalInputs
 from small4.engine.request import Request
-from small4.engine.scheduler import SchedulerOutput
+from small4.engine.scheduler import ScheduledRequest, SchedulerOutput
+from small4.kernels.backend import kernel_backend
 from small4.model.context import AttentionMetadata
 from small4.model.mistral4 import Mistral4Model
 from small4.weights.loader import load_model
@@ -69,6 +71,14 @@ def token_slice(request: Request, start: int, end: int) -> list[int]:
     return prompt[start:] + request.output_token_ids[: end - num_prompt]
 
 
+def _has_image_slot(item: ScheduledRequest) -> bool:
+    mm = item.request.mm_inputs
+    if mm is None:
+        return False
+    lo, hi = mm.slots_in(item.start, item.start + item.num_new_tokens)
+    return hi > lo
+
+
 class ModelRunner:
     def __init__(self, model_dir: str | Path, engine_cfg: EngineConfig) -> None:
         self.engine_cfg = engine_cfg
@@ -97,11 +107,16 @@ class ModelRunner:
         self.cache_dtype = cache_dtype(engine_cfg, self.dtype)
         self.num_blocks = num_blocks or self._num_blocks()
         text = self.config.text
-        # empty, not zeros: a slot is always written before it is read, and untouched pages cost nothing
+        # empty, not zeros: a slot is always written before it is read, and untouched pages cost nothing.
+        # One block more than the block manager hands out: padded rows of a CUDA-graph step write there.
+        self.pad_block = self.num_blocks
         self.kv_caches = [
-            torch.empty(self.num_blocks, self.block_size, text.latent_dim, dtype=self.cache_dtype, device=self.device)
+            torch.empty(
+                self.num_blocks + 1, self.block_size, text.latent_dim, dtype=self.cache_dtype, device=self.device
+            )
             for _ in range(text.num_layers)
         ]
+        self.decode_graphs: DecodeGraphs | None = None
         log.info("max tokens in cache: %d (%d blocks of %d)", self.max_cached_tokens, self.num_blocks, self.block_size)
 
     @property
@@ -148,8 +163,39 @@ class ModelRunner:
         rows.extend(offset + p - start for p in mm.slot_positions[lo:hi])
         embeds.append(mm.embeddings[lo:hi])
 
+    def prepare_decode_graphs(self, max_model_len: int, max_batch: int) -> None:
+        """Captures decode steps as CUDA graphs (GPU with the Triton kernels, unless ``enforce_eager``)."""
+        if self.engine_cfg.enforce_eager or self.device.type != "cuda" or kernel_backend(self.device) != "triton":
+            return
+        max_blocks = -(-max_model_len // self.block_size)
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self.pad_block, max_blocks, max_batch)
+
+    def _graph_step(self, plan: SchedulerOutput) -> StepBatch | None:
+        """A decode-only step through the graphs; None when the step does not fit them (it then runs eagerly)."""
+        graphs, items = self.decode_graphs, plan.scheduled
+        if graphs is None or not items or len(items) > graphs.max_batch:
+            return None
+        if any(item.num_new_tokens != 1 or _has_image_slot(item) for item in items):
+            return None
+        if any(len(item.request.block_ids) > graphs.max_blocks_per_seq for item in items):
+            return None
+        tokens, positions, slots = [], [], []
+        for item in items:
+            req, pos = item.request, item.start
+            tokens.extend(token_slice(req, pos, pos + 1))
+            positions.append(pos)
+            slots.append(req.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size)
+        tables = [item.request.block_ids for item in items]
+        hidden = graphs.run(tokens, positions, slots, tables, [p + 1 for p in positions])
+        rows = [i for i, item in enumerate(items) if item.samples]
+        ids = [items[i].request.request_id for i in rows]
+        return StepBatch(ids, self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]))
+
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepBatch:
+        graphed = self._graph_step(plan)
+        if graphed is not None:
+            return graphed
         tokens, positions, slots, starts, seq_lens, tables, sample_rows, sample_ids = [], [], [], [0], [], [], [], []
         image_rows: list[int] = []
         image_embeds: list[torch.Tensor] = []

@@ -6,7 +6,7 @@ Keeping this in one object keeps model signatures at ``forward(input_ids, positi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     block_size: int = 0
     seq_lens_tensor: torch.Tensor | None = None  # int32 [B] on the device: made on first use, shared by all layers
+    # CUDA-graph capture: shapes are padded to a fixed batch and must not steer host-side choices (split counts)
+    static_shapes: bool = False
+    _split: tuple[SubBatch | None, SubBatch | None] | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -39,6 +42,39 @@ class AttentionMetadata:
             self.seq_lens_tensor = torch.tensor(self.seq_lens, dtype=torch.int32).to(device, non_blocking=True)
         return self.seq_lens_tensor
 
+    @property
+    def max_seq_len(self) -> int | None:
+        """Host-side bound on ``seq_lens`` for heuristics; None under graph capture (the bound is the table's)."""
+        return None if self.static_shapes else max(self.seq_lens)
+
+    def split_decode_rows(self) -> tuple[SubBatch | None, SubBatch | None]:
+        """(sequences with exactly one new token, the others) as sub-batches; None for an empty side.
+        Made once per step and shared by every layer."""
+        if self._split is None:
+            lens = [b - a for a, b in zip(self.query_start_loc, self.query_start_loc[1:], strict=False)]
+            decode = [i for i, n in enumerate(lens) if n == 1]
+            chunked = [i for i, n in enumerate(lens) if n != 1]
+            self._split = (self._subset(decode), self._subset(chunked))
+        return self._split
+
+    def _subset(self, seqs: list[int]) -> SubBatch | None:
+        if not seqs:
+            return None
+        if len(seqs) == self.num_seqs:
+            rows = torch.arange(self.query_start_loc[-1])
+            return SubBatch(rows, self)
+        rows: list[int] = []
+        starts = [0]
+        for i in seqs:
+            a, b = self.query_start_loc[i], self.query_start_loc[i + 1]
+            rows.extend(range(a, b))
+            starts.append(starts[-1] + b - a)
+        tables = None
+        if self.block_tables is not None:
+            tables = self.block_tables[torch.tensor(seqs, device=self.block_tables.device)]
+        meta = AttentionMetadata(starts, [self.seq_lens[i] for i in seqs], None, tables, self.block_size)
+        return SubBatch(torch.tensor(rows), meta)
+
     @classmethod
     def for_prefill(cls, seq_lens: list[int]) -> AttentionMetadata:
         """Stateless causal prefill of whole sequences (no cache): parity tests, scoring, training."""
@@ -46,3 +82,12 @@ class AttentionMetadata:
         for n in seq_lens:
             starts.append(starts[-1] + n)
         return cls(query_start_loc=starts, seq_lens=list(seq_lens))
+
+
+@dataclass
+class SubBatch:
+    """Some of a step's sequences: their rows in the flat batch and their own metadata (no slot mapping: the
+    cache was written for the whole step before attention)."""
+
+    rows: torch.Tensor  # int64 [T_sub] on the host
+    meta: AttentionMetadata

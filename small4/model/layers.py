@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from small4.config import RopeConfig
+from small4.kernels.backend import kernel_backend
+from small4.kernels.fp8_linear import fp8_linear, row_scale, supports
 from small4.weights.quant import dequantize_fp8
 
 
@@ -30,12 +32,18 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
+def fp8_fast_path(device: torch.device) -> bool:
+    """FP8 weights run through ``torch._scaled_mm`` wherever the fast kernels are selected (``kernel_backend`` says
+    "triton": auto on CUDA, or forced); the reference backend keeps the exact dequantise-then-matmul path."""
+    return kernel_backend(device) == "triton"
+
+
 class Linear(nn.Module):
     """A bias-free linear layer whose weight may stay in FP8 (e4m3) with its scale.
 
-    With ``weight_scale`` set, the weight is FP8 in memory and dequantised on the fly here (the reference path);
-    GPU kernels read ``weight``/``weight_scale`` directly. ``input_scale`` is the checkpoint's static activation
-    scale, kept for W8A8 kernels.
+    With ``weight_scale`` set, the weight is FP8 in memory. On the fast path (``fp8_fast_path``) and when
+    ``kernels.fp8_linear.supports`` the layer, it runs W8A8 through ``fp8_linear`` (static activation scale
+    ``input_scale`` from the checkpoint, else dynamic per token); otherwise it is dequantised on the fly here.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -44,6 +52,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight_scale: torch.Tensor | None = None
         self.input_scale: torch.Tensor | None = None
+        self._fp8_plan: tuple[tuple, torch.Tensor | None] | None = None
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.weight_scale is None:
@@ -51,7 +60,23 @@ class Linear(nn.Module):
         return dequantize_fp8(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale is not None and fp8_fast_path(x.device):
+            scale = self._fp8_row_scale()
+            if scale is not None:
+                return fp8_linear(x, self.weight, scale, self.input_scale, x.dtype)
         return F.linear(x, self.dense_weight(x.dtype))
+
+    def _fp8_row_scale(self) -> torch.Tensor | None:
+        """The weight scale in ``fp8_linear``'s per-row form, or None when the kernel cannot take this layer.
+        Worked out once (shape checks, one small copy, no host sync: safe under CUDA graphs) and cached until
+        the weight or a scale tensor is replaced."""
+        key = (self.weight, self.weight_scale, self.input_scale)
+        plan = self._fp8_plan
+        if plan is None or any(a is not b for a, b in zip(plan[0], key, strict=True)):
+            ok = supports(self.weight, self.weight_scale, self.input_scale)
+            plan = (key, row_scale(self.weight_scale, self.out_features) if ok else None)
+            self._fp8_plan = plan
+        return plan[1]
 
 
 def yarn_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from small4.model.context import AttentionMetadata
 
 ARGS = ["bench", "full", "--tiny", "--layers", "1", "--batch-sizes", "1,2", "--contexts", "16"]
 ARGS += ["--prefill-len", "32", "--decode-steps", "2"]
+ARGS += ["--serving-concurrency", "1,2", "--serving-input-len", "8", "--serving-output-len", "5"]
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +50,15 @@ def test_bench_full_tiny_json(tmp_path):
 
     p = r["prefill"]
     assert p["status"] == "ok" and p["prefill_len"] == 32 and p["tokens_per_s"] > 0
+
+    one, two = r["serving"]
+    assert (one["concurrency"], two["concurrency"]) == (1, 2) and one["status"] == two["status"] == "ok"
+    for run in (one, two):
+        assert run["num_requests"] == max(4, 2 * run["concurrency"])
+        assert run["output_tokens"] == run["num_requests"] * 5  # EOS ignored: every request runs to its length
+        for metric in ("ttft", "tpot", "itl"):
+            stats = run[metric]
+            assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"], metric
     assert p["full_model_estimate"]["tokens_per_s"] > 0
 
     (roof,) = r["roofline"]

@@ -27,15 +27,19 @@ def demo():
 
 
 def _ask(client, content, **kw):
-    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
-                                          max_tokens=48, temperature=0, **kw)
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": content}], max_tokens=48, temperature=0, **kw
+    )
 
 
 def test_greetings_and_capitals(demo):
     assert _ask(demo, "Hello!").choices[0].message.content == "Hello! How can I help you today?"
     assert "small4" in _ask(demo, "Who are you?").choices[0].message.content
-    right = sum(_ask(demo, f"What is the capital of {country}?").choices[0].message.content ==
-                f"The capital of {country} is {city}." for country, city in CAPITALS.items())
+    right = sum(
+        _ask(demo, f"What is the capital of {country}?").choices[0].message.content
+        == f"The capital of {country} is {city}."
+        for country, city in CAPITALS.items()
+    )
     assert right >= 8, right
 
 
@@ -53,15 +57,24 @@ def test_tool_call_round_trip(demo):
         calls = r.choices[0].message.tool_calls or []
         names.append(calls[0].function.name if calls else None)
         if calls:
-            assert r.choices[0].finish_reason == "tool_calls" and isinstance(json.loads(calls[0].function.arguments),
-                                                                              dict)
+            assert r.choices[0].finish_reason == "tool_calls" and isinstance(
+                json.loads(calls[0].function.arguments), dict
+            )
     assert names.count("get_weather") >= 4, names
-    call = {"id": "abcdefghi", "type": "function",
-            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
-    history = [{"role": "user", "content": "What is the weather in Paris?"},
-               {"role": "assistant", "content": None, "tool_calls": [call]},
-               {"role": "tool", "tool_call_id": "abcdefghi",
-                "content": json.dumps({"city": "Paris", "condition": "sunny", "temperature_c": 21})}]
+    call = {
+        "id": "abcdefghi",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})},
+    }
+    history = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {
+            "role": "tool",
+            "tool_call_id": "abcdefghi",
+            "content": json.dumps({"city": "Paris", "condition": "sunny", "temperature_c": 21}),
+        },
+    ]
     final = demo.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=48, temperature=0)
     assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content.startswith("It is ")
 
