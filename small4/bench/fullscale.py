@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from small4.bench.results import device_name, positive_int, write_result
+from small4.bench.results import device_name, int_list, positive_int, write_result
 from small4.bench.serving import bench_tokenizer, measure_serving
 from small4.bench.synthetic import (
     FULL_SPEC,
@@ -646,15 +646,8 @@ def _ratios(decode: list[dict[str, Any]], reference: dict[str, Any]) -> list[dic
 
 
 # ---- the command --------------------------------------------------------------------------------------------
-def _int_list(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
-
-
 def _int_list_or_none(text: str) -> list[int]:
-    return [] if text.strip().lower() == "none" else _int_list(text)
+    return [] if text.strip().lower() == "none" else int_list(text)
 
 
 def build_bench(args: argparse.Namespace) -> Bench:
@@ -828,8 +821,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke runs) instead of the real ones")
     p.add_argument("--layers", type=positive_int, help="keep only the first L decoder layers (default: all)")
     p.add_argument("--dtype", choices=["bf16", "fp8"], default="fp8", help="attention and expert weight storage")
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 64, 256])
-    p.add_argument("--contexts", type=_int_list, default=[1024, 32768], help="decode context lengths")
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 64, 256])
+    p.add_argument("--contexts", type=int_list, default=[1024, 32768], help="decode context lengths")
     p.add_argument("--prefill-len", type=positive_int, default=8192)
     p.add_argument(
         "--prefill-chunk", type=positive_int, default=8192, help="tokens per prefill forward (halved to fit)"

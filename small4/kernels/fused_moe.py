@@ -24,7 +24,11 @@ caller).
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import re
+from pathlib import Path
 
 import torch
 import triton
@@ -36,9 +40,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
-# Block sizes keyed by the range of token counts T (inclusive bounds) they serve, for H100 / H200. NOT YET TUNED ON
-# HARDWARE: every entry is a starting point (a small BLOCK_M for decode, where each expert sees a few tokens; larger
-# tiles for prefill) to be replaced by measured ones (bench over T with the real E / H / I, per device).
+# Block sizes keyed by the range of token counts T (inclusive bounds) they serve: the default, used on any device
+# without a measured table. A small BLOCK_M for decode, where each expert sees a few tokens; larger tiles for
+# prefill. ``small4 bench tune-moe --write-table`` measures a table on a GPU and writes it to
+# ``moe_configs/<device name>.json``, which then replaces this one on that device.
 _NOT_TUNED = "not yet tuned on hardware"
 MOE_CONFIGS: dict[tuple[int, int], dict[str, int | str]] = {
     (0, 32): {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "status": _NOT_TUNED},
@@ -53,11 +58,33 @@ MOE_CONFIGS: dict[tuple[int, int], dict[str, int | str]] = {
         "status": _NOT_TUNED,
     },
 }
+TUNED_DIR = Path(__file__).parent / "moe_configs"
 
 
-def choose_config(num_tokens: int) -> dict[str, int | str]:
-    """The ``MOE_CONFIGS`` entry whose token range holds ``num_tokens``."""
-    for (lo, hi), config in MOE_CONFIGS.items():
+def table_path(device_name: str, directory: Path = TUNED_DIR) -> Path:
+    """Where the measured table of a device lives: its name with anything but letters and digits as '_'."""
+    return directory / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+@functools.lru_cache(maxsize=8)
+def load_table(path: Path) -> dict[tuple[int, int], dict[str, int | str]] | None:
+    """A tuned table written by ``small4 bench tune-moe``; None when the file does not exist."""
+    if not path.is_file():
+        return None
+    rows = json.loads(path.read_text())["table"]
+    return {(row["lo"], row["hi"]): {k: v for k, v in row.items() if k not in ("lo", "hi")} for row in rows}
+
+
+def _device_table(device: torch.device | None) -> dict[tuple[int, int], dict[str, int | str]]:
+    if device is None or device.type != "cuda":
+        return MOE_CONFIGS
+    return load_table(table_path(torch.cuda.get_device_name(device))) or MOE_CONFIGS
+
+
+def choose_config(num_tokens: int, device: torch.device | None = None, table: dict | None = None) -> dict:
+    """The entry whose token range holds ``num_tokens``: from ``table``, else the device's tuned table, else
+    ``MOE_CONFIGS``."""
+    for (lo, hi), config in (table or _device_table(device)).items():
         if lo <= num_tokens <= hi:
             return dict(config)
     raise ValueError(f"no MoE block-size entry covers {num_tokens} tokens")
@@ -273,7 +300,7 @@ def fused_moe(
     if not fp8:
         w13, w2 = w13.to(x.dtype), w2.to(x.dtype)  # no-op when the weights are already in the activation dtype
 
-    cfg = config or choose_config(T)
+    cfg = config or choose_config(T, x.device)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = {} if _INTERPRET else {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 3)}
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # float32 is the parity dtype: no TF32 rounding
