@@ -24,6 +24,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from small4.config import TextConfig
 from small4.kernels.backend import kernel_backend
+from small4.kernels.latent_write import latent_write, latent_write_reference
 from small4.kernels.mla_reference import gather_context, mla_attention_absorbed
 from small4.model.context import AttentionMetadata
 from small4.model.layers import Linear, RMSNorm, RotaryEmbedding, llama4_query_scale
@@ -73,16 +74,15 @@ class MLAttention(nn.Module):
         q = self._query(x).view(T, cfg.num_heads, cfg.qk_head_dim)  # [T, H, nope + rope]
         q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         ckv = self.kv_a_proj_with_mqa(x)  # [T, C + R]
-        c, k_rope = ckv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        c = self.kv_a_layernorm(c)  # [T, C]
         cos, sin = self.rotary(positions, x.dtype)
         q_rope = self.rotary.apply(q_rope, cos, sin)  # [T, H, R]
-        k_rope = self.rotary.apply(k_rope, cos, sin)  # [T, R]
         q_scale = llama4_query_scale(positions, cfg.rope).to(x.dtype)[:, None, None]  # [T, 1, 1]
         q_nope, q_rope = q_nope * q_scale, q_rope * q_scale
-        latents = torch.cat([c, k_rope], dim=-1)  # [T, C + R]
-        if kv_cache is not None:
-            kv_cache.view(-1, cfg.latent_dim)[meta.slot_mapping] = latents.to(kv_cache.dtype)
+        fused = kernel_backend(x.device) == "triton" and not ckv.requires_grad  # the kernel has no backward
+        write_latents = latent_write if fused else latent_write_reference
+        norm, slots = self.kv_a_layernorm, meta.slot_mapping if kv_cache is not None else None
+        # [c, k_rope] = [kv_a_layernorm(c), rope(k_rope)]: [T, C + R], also cast into the cache at the token's slot
+        latents = write_latents(ckv, norm.weight, norm.eps, cos, sin, self.rotary.interleave, slots, kv_cache)
         if self.impl == "absorb":
             out = self._attend_absorbed(q_nope, q_rope, latents, meta, kv_cache)
         elif self.impl == "naive":

@@ -26,10 +26,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The math of ``RMSNorm``, for twins of fused kernels that take the weight as an argument."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
 
 
 def fp8_fast_path(device: torch.device) -> bool:
@@ -122,17 +127,21 @@ class RotaryEmbedding(nn.Module):
         return (freqs.cos() * self.factor).to(dtype), (freqs.sin() * self.factor).to(dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotates ``x`` [T, ..., dim]. Interleaved pairs (x0,x1),(x2,x3)… come out de-interleaved
-        (all first members, then all second members), as the reference lays them out; q and k share the layout,
-        so their dot product is the same."""
-        shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-        cos, sin = cos.view(shape), sin.view(shape)
-        if self.interleave:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return apply_rotary(x, cos, sin, self.interleave)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotates ``x`` [T, ..., dim]. Interleaved pairs (x0,x1),(x2,x3)… come out de-interleaved (all first members,
+    then all second members), as the reference lays them out; q and k share the layout, so their dot product is
+    the same."""
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def llama4_query_scale(positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
