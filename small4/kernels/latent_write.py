@@ -8,7 +8,7 @@ kernels plus an index_put per layer and step, each re-reading the row; here one 
 once, writes the ``latents`` the attention still needs (in the dtype PyTorch's ops would give: x's dtype for a
 model in one dtype) and the cache row.
 
-Bit-for-bit the same as the reference twin ``latent_write_reference`` (the attention module's own ops), except the
+Bit-for-bit the same as the reference twin ``latent_reference.latent_write_reference`` (the model's own ops), except the
 RMSNorm sum of squares, summed in another float32 order (and ``rsqrt`` is the hardware's on a GPU, as in PyTorch):
 a few float32 ulps in the normed latent, which its rounding to bfloat16 almost always absorbs:
 - every rounding PyTorch does is done here at the same point (the norm to x's dtype before the weight, each rope
@@ -23,14 +23,13 @@ a few float32 ulps in the normed latent, which its rounding to bfloat16 almost a
 
 A negative slot (vLLM's padding convention) writes nothing; the engine itself pads into a spare block instead.
 Shapes are read on the host and nothing on the device is, so the launch is CUDA-graph safe (no sync).
-Triton is optional on CPU-only installs: without it this module still imports and the reference twin runs.
+Triton is optional on CPU-only installs: without it this module still imports. The attention imports it only when
+the Triton backend is chosen, so that ``TRITON_INTERPRET`` is read when the kernels are decorated, not earlier.
 """
 
 from __future__ import annotations
 
 import torch
-
-from small4.model.layers import apply_rotary, rms_norm
 
 try:
     import triton
@@ -229,29 +228,4 @@ def latent_write(
         num_warps=max(1, min(4, block_c // 256)),
         enable_fp_fusion=False,  # PyTorch rounds each float32 product before the sum: no fma
     )
-    return latents
-
-
-def latent_write_reference(
-    ckv: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    interleave: bool,
-    slot_mapping: torch.Tensor | None = None,
-    kv_cache: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The plain-PyTorch twin of ``latent_write``: the model's own ``rms_norm`` and ``apply_rotary``, so there is
-    one implementation of the math.
-    Differentiable (the demo model trains through it). Skipping negative slots takes a boolean index, a host sync
-    on CUDA: fine here, since decode steps are only captured as CUDA graphs with the Triton kernels."""
-    C = norm_weight.shape[0]
-    c, k_rope = ckv.split([C, ckv.shape[-1] - C], dim=-1)
-    c = rms_norm(c, norm_weight, eps)  # [T, C]
-    k_rope = apply_rotary(k_rope, cos, sin, interleave)  # [T, R]
-    latents = torch.cat([c, k_rope], dim=-1)  # [T, C + R]
-    if slot_mapping is not None and kv_cache is not None:
-        keep = slot_mapping >= 0
-        kv_cache.view(-1, ckv.shape[-1])[slot_mapping[keep]] = latents[keep].to(kv_cache.dtype)
     return latents

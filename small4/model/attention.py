@@ -20,11 +20,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from small4.config import TextConfig
 from small4.kernels.backend import kernel_backend
-from small4.kernels.latent_write import latent_write, latent_write_reference
+from small4.kernels.latent_reference import latent_write_reference
 from small4.kernels.mla_reference import gather_context, mla_attention_absorbed
 from small4.model.context import AttentionMetadata
 from small4.model.layers import Linear, RMSNorm, RotaryEmbedding, llama4_query_scale
@@ -39,7 +38,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
     if num_q == num_k:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    else:
+    else:  # imported here: torch.nn.attention.bias pulls in torch._dynamo (and Triton), a second of import time
+        from torch.nn.attention.bias import causal_lower_right
+
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(num_q, num_k), scale=scale)
     return out[0].transpose(0, 1)
 
@@ -78,8 +79,11 @@ class MLAttention(nn.Module):
         q_rope = self.rotary.apply(q_rope, cos, sin)  # [T, H, R]
         q_scale = llama4_query_scale(positions, cfg.rope).to(x.dtype)[:, None, None]  # [T, 1, 1]
         q_nope, q_rope = q_nope * q_scale, q_rope * q_scale
-        fused = kernel_backend(x.device) == "triton" and not ckv.requires_grad  # the kernel has no backward
-        write_latents = latent_write if fused else latent_write_reference
+        write_latents = latent_write_reference
+        if kernel_backend(x.device) == "triton" and not ckv.requires_grad:  # the kernel has no backward
+            from small4.kernels.latent_write import latent_write  # Triton is optional on CPU-only installs
+
+            write_latents = latent_write
         norm, slots = self.kv_a_layernorm, meta.slot_mapping if kv_cache is not None else None
         # [c, k_rope] = [kv_a_layernorm(c), rope(k_rope)]: [T, C + R], also cast into the cache at the token's slot
         latents = write_latents(ckv, norm.weight, norm.eps, cos, sin, self.rotary.interleave, slots, kv_cache)

@@ -23,7 +23,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from small4.config import RopeConfig  # noqa: E402
-from small4.kernels.latent_write import latent_write, latent_write_reference  # noqa: E402
+from small4.kernels.latent_reference import latent_write_reference  # noqa: E402
+from small4.kernels.latent_write import latent_write  # noqa: E402
 from small4.model.layers import RotaryEmbedding  # noqa: E402
 
 EPS = 1e-6
@@ -139,10 +140,12 @@ def test_rejects_mismatched_shapes():
 
 
 def test_reference_imports_without_triton():
-    """CPU-only installs have no Triton: the module still imports and the reference twin (the CPU path) runs."""
+    """CPU-only installs have no Triton: the model, the kernel module and the reference twin (the CPU path) import,
+    and the twin runs."""
     code = (
         "import sys, torch; sys.modules['triton'] = None\n"
-        "from small4.kernels.latent_write import latent_write_reference as f\n"
+        "import small4.model.mistral4, small4.kernels.latent_write\n"
+        "from small4.kernels.latent_reference import latent_write_reference as f\n"
         "cache = torch.zeros(2, 2, 6)\n"
         "out = f(torch.randn(3, 6), torch.ones(4), 1e-6, torch.ones(3, 1), torch.zeros(3, 1), True,"
         " torch.tensor([3, -1, 0]), cache)\n"
@@ -159,6 +162,7 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch):
     from small4.config import EngineConfig
     from small4.engine.engine import LLM
     from small4.engine.sampling_params import SamplingParams
+    from small4.kernels import latent_write as latent_write_module
     from small4.model import attention
     from small4.weights.tiny import TinySpec, make_tiny
 
@@ -179,6 +183,6 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch):
         return latent_write(*args, **kwargs)
 
     monkeypatch.setattr(attention, "kernel_backend", lambda device: "triton")
-    monkeypatch.setattr(attention, "latent_write", counted)
+    monkeypatch.setattr(latent_write_module, "latent_write", counted)  # the attention imports it at call time
     assert generate() == expected
     assert len(calls) >= 6 and max(calls) > 1  # the prefill and the decode steps went through the kernel

@@ -100,7 +100,7 @@ def test_client_disconnect_aborts(server):
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=30) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a liveness bound, generous for a loaded machine
     while server.ctx.engine.stats.num_running and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.ctx.engine.stats.num_running == 0
@@ -112,7 +112,7 @@ def test_non_streaming_disconnect_aborts(server):
     body = {"model": "tiny", "prompt": "x", "max_tokens": 3000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=0.3)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while server.ctx.engine.stats.num_running and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.ctx.engine.stats.num_running == 0
