@@ -52,7 +52,7 @@ def _talk(client: openai.OpenAI) -> None:
 
     print(f"chat:        {_ask(client, 'Hello!').choices[0].message.content!r}")
     print(f"chat:        {_ask(client, 'What is the capital of Japan?').choices[0].message.content!r}")
-    msg = _ask(client, "What is 12 + 7?", reasoning_effort="high").choices[0].message
+    msg = _ask(client, "What is 34 + 25?", reasoning_effort="high").choices[0].message
     print(f"reasoning:   [THINK] {getattr(msg, 'reasoning_content', None)!r} -> {msg.content!r}")
     stream = client.chat.completions.create(
         model=DEMO_MODEL,

@@ -1,9 +1,12 @@
 """The shipped trained demo model through the real server and the openai client.
 
-The thresholds sit below the held-out accuracies in small4/demo_model/checkpoint/training_log.json (chat 0.97,
-tool name 0.97, image colour 0.97). These tests fail if the prompt rendering (the model would see a format it was
-not trained on), the output parser (reasoning_content, tool_calls) or the image path is broken. Arithmetic, tool
-arguments and shapes are not asserted: the 2M-parameter model has not learned them (see the training log).
+Held-out accuracies (small4/demo_model/checkpoint/training_log.json, 30 per task): chat 1.00, tool name 1.00, tool
+name + arguments 1.00, answer from the tool result 0.77 (a separate probe of 20 each: weather 20, calculator 16),
+image colour 1.00, colour + shape 0.67, addition 0.77 / 0.63 (effort none / high), subtraction 0.47 / 0.37,
+ordering 0.30 / 0.33, echo 0.53 (a quarter to a half of the arithmetic questions also occurred in training; fresh
+ones below score lower). The thresholds sit well below what was measured on the cases here; the tests fail if the
+prompt rendering (the model would see a format it was not trained on), the output parser (reasoning_content,
+tool_calls) or the image path is broken. Shapes are not asserted: on some image sets they are near chance.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import json
 import random
 
 import pytest
-from conftest import start_server
 
+from conftest import start_server
 from small4.demo_model.curriculum import CAPITALS, COLOURS, SHAPES, TOOLS, data_url, shape_image
 from small4.weights.embedded import SHIPPED_DEMO_DIR, embedded_model_dir
 
@@ -83,11 +86,33 @@ def test_tool_call_round_trip(demo):
 
 def test_names_colours_of_unseen_images(demo):
     rng = random.Random(4242)  # not a training or evaluation seed
-    cases = [(colour, rng.choice(SHAPES)) for colour in COLOURS]
+    cases = [(colour, rng.choice(SHAPES)) for colour in COLOURS for _ in range(2)]
     right = 0
     for colour, shape in cases:
         url = data_url(shape_image(colour, shape, rng))
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in this image?"}]
         answer = _ask(demo, content).choices[0].message.content
         right += answer.startswith(f"A {colour} ")
-    assert right >= 5, right
+    assert right >= 10, right  # measured 12 of 12
+
+
+def test_arithmetic_and_copying(demo):
+    """Two-digit sums and differences, with and without a [THINK] trace, and repeating values back: the skills that
+    need the model to copy numbers from the prompt."""
+    rng = random.Random(31337)  # not a training or evaluation seed
+    right = {"none": 0, "high": 0}
+    for i in range(16):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        op = "+" if i % 2 == 0 else "-"
+        a, b = (a, b) if op == "+" else (max(a, b), min(a, b))
+        effort = "high" if i % 4 < 2 else "none"
+        msg = _ask(demo, f"What is {a} {op} {b}?", reasoning_effort=effort).choices[0].message
+        if effort == "high":
+            assert (getattr(msg, "reasoning_content", None) or "").startswith("Units:")
+        right[effort] += msg.content == f"{a} {op} {b} = {a + b if op == '+' else a - b}."
+    echoed = 0
+    for _ in range(8):
+        phrase = f"{rng.randint(100, 999)} {rng.choice(SHAPES)}"
+        echoed += _ask(demo, f"Repeat after me: {phrase}").choices[0].message.content == phrase
+    assert right["none"] + right["high"] >= 3, right  # measured 6 of 16 on these unseen problems
+    assert echoed >= 5, echoed  # measured 8 of 8

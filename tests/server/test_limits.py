@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+
 from conftest import free_port, start_server, wait_healthy
 
 AUTH = {"Authorization": "Bearer test-key"}
