@@ -509,7 +509,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-demo", help="train the tiny demo model on the chat curriculum (CPU, ~12 min per 2000 steps)")
+    p = sub.add_parser(
+        "train-demo", help="train the tiny demo model on the chat curriculum (CPU, ~12 min a 2000 steps)"
+    )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output checkpoint directory")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
