@@ -12,14 +12,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+
 from conftest import (
+    PagedGreedy,
     dequantize_for_reference,
     hf_config_of,
     native_text_to_hf,
     read_checkpoint,
     reference_model,
 )
-
 from small4.model.context import AttentionMetadata
 from small4.weights.loader import load_model
 from small4.weights.tiny import TinySpec, hf_config, make_tiny
@@ -117,3 +118,24 @@ def test_hf_mscale_all_dim_zero_scales_cos_sin(tmp_path):
     with torch.no_grad():
         diff = (_our_logits(ours, ids) - ref(input_ids=ids[None]).logits[0]).abs().max().item()
     assert diff <= 1e-4
+
+
+@torch.no_grad()
+def test_shipped_demo_checkpoint_matches_reference():
+    """The trained embedded model (real HF layout, bf16 files) gives transformers' logits and greedy tokens on a
+    rendered chat prompt with tools: training did not leave the architecture the reference implements."""
+    from transformers import Mistral3ForConditionalGeneration
+
+    from small4.demo_model.curriculum import TOOLS
+    from small4.demo_model.train import load_renderer
+    from small4.weights.embedded import SHIPPED_DEMO_DIR
+
+    ours = load_model(SHIPPED_DEMO_DIR, dtype=torch.float32, progress=False)
+    ref = Mistral3ForConditionalGeneration.from_pretrained(SHIPPED_DEMO_DIR, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    ids = torch.tensor(load_renderer(SHIPPED_DEMO_DIR).render(messages, tools=TOOLS).token_ids)
+    expected = ref(input_ids=ids[None]).logits[0].float()
+    assert (_our_logits(ours, ids) - expected).abs().max().item() <= 1e-4
+    want = ref.generate(ids[None], max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
+    got = PagedGreedy(ours).generate(ids.tolist(), len(want))
+    assert got == want and len(want) > 3  # the tool call, e.g. [TOOL_CALLS]get_weather[ARGS]{"city": ...
