@@ -119,14 +119,14 @@ class MLAttention(nn.Module):
 
     def _attend_split(self, q_nope, q_rope, latents, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
         """``auto``: sequences with one new token go through the absorbed path, the others through the expanded."""
-        decode, chunked = meta.split_decode_rows()
+        decode, chunked = meta.split_decode_rows(q_nope.device)
         if not chunked:
             return self._attend_absorbed(q_nope, q_rope, latents, meta, kv_cache)
         if not decode:
             return self._attend_expanded(q_nope, q_rope, latents, meta, kv_cache)
         out = q_nope.new_empty(q_nope.shape[0], self.cfg.num_heads, self.cfg.v_head_dim)
         for part in (decode, chunked):
-            rows = part.rows.to(q_nope.device)
+            rows = part.rows
             attend = self._attend_absorbed if part is decode else self._attend_expanded
             out[rows] = attend(q_nope[rows], q_rope[rows], latents[rows], part.meta, kv_cache)
         return out

@@ -47,22 +47,21 @@ class AttentionMetadata:
         """Host-side bound on ``seq_lens`` for heuristics; None under graph capture (the bound is the table's)."""
         return None if self.static_shapes else max(self.seq_lens)
 
-    def split_decode_rows(self) -> tuple[SubBatch | None, SubBatch | None]:
-        """(sequences with exactly one new token, the others) as sub-batches; None for an empty side.
-        Made once per step and shared by every layer."""
+    def split_decode_rows(self, device: torch.device) -> tuple[SubBatch | None, SubBatch | None]:
+        """(sequences with exactly one new token, the others) as sub-batches, their rows on ``device``; None for
+        an empty side. Made once per step (rows copied to the device once) and shared by every layer."""
         if self._split is None:
             lens = [b - a for a, b in zip(self.query_start_loc, self.query_start_loc[1:], strict=False)]
             decode = [i for i, n in enumerate(lens) if n == 1]
             chunked = [i for i, n in enumerate(lens) if n != 1]
-            self._split = (self._subset(decode), self._subset(chunked))
+            self._split = (self._subset(decode, device), self._subset(chunked, device))
         return self._split
 
-    def _subset(self, seqs: list[int]) -> SubBatch | None:
+    def _subset(self, seqs: list[int], device: torch.device) -> SubBatch | None:
         if not seqs:
             return None
         if len(seqs) == self.num_seqs:
-            rows = torch.arange(self.query_start_loc[-1])
-            return SubBatch(rows, self)
+            return SubBatch(torch.arange(self.query_start_loc[-1], device=device), self)
         rows: list[int] = []
         starts = [0]
         for i in seqs:
@@ -73,7 +72,7 @@ class AttentionMetadata:
         if self.block_tables is not None:
             tables = self.block_tables[torch.tensor(seqs, device=self.block_tables.device)]
         meta = AttentionMetadata(starts, [self.seq_lens[i] for i in seqs], None, tables, self.block_size)
-        return SubBatch(torch.tensor(rows), meta)
+        return SubBatch(torch.tensor(rows, device=device), meta)
 
     @classmethod
     def for_prefill(cls, seq_lens: list[int]) -> AttentionMetadata:
@@ -89,5 +88,5 @@ class SubBatch:
     """Some of a step's sequences: their rows in the flat batch and their own metadata (no slot mapping: the
     cache was written for the whole step before attention)."""
 
-    rows: torch.Tensor  # int64 [T_sub] on the host
+    rows: torch.Tensor  # int64 [T_sub], on the device of the step's tokens
     meta: AttentionMetadata
