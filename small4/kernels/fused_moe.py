@@ -66,7 +66,6 @@ def table_path(device_name: str, directory: Path = TUNED_DIR) -> Path:
     return directory / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
 
 
-@functools.lru_cache(maxsize=8)
 def load_table(path: Path) -> dict[tuple[int, int], dict[str, int | str]] | None:
     """A tuned table written by ``small4 bench tune-moe``; None when the file does not exist."""
     if not path.is_file():
@@ -75,7 +74,9 @@ def load_table(path: Path) -> dict[tuple[int, int], dict[str, int | str]] | None
     return {(row["lo"], row["hi"]): {k: v for k, v in row.items() if k not in ("lo", "hi")} for row in rows}
 
 
+@functools.lru_cache(maxsize=8)
 def _device_table(device: torch.device | None) -> dict[tuple[int, int], dict[str, int | str]]:
+    """Looked up once per device, not on every call (the device name query and the file read are host work)."""
     if device is None or device.type != "cuda":
         return MOE_CONFIGS
     return load_table(table_path(torch.cuda.get_device_name(device))) or MOE_CONFIGS
