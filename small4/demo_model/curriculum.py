@@ -184,40 +184,35 @@ def sub_trace(a: int, b: int) -> str:
     return head + f" So {a - b}."
 
 
+def _with_effort(task: str, question: str, answer: str, trace: str, rng: random.Random) -> Example:
+    """A reasoning task: the answer alone with effort "none", the trace then the answer with "high"."""
+    effort = _effort(rng)
+    assistant: dict[str, Any] = {"role": "assistant", "content": answer}
+    if effort == "high":
+        assistant["reasoning_content"] = trace
+    return Example(task, [{"role": "user", "content": question}], assistant, effort, expected={"answer": answer})
+
+
 def _add(rng: random.Random) -> Example:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
     while a + b > 99 and rng.random() < 0.5:
         a, b = rng.randint(0, 60), rng.randint(0, 39)
     q = rng.choice(("What is {a} + {b}?", "Compute {a} + {b}.", "{a} + {b} = ?")).format(a=a, b=b)
-    effort = _effort(rng)
-    answer = f"{a} + {b} = {a + b}."
-    assistant: dict[str, Any] = {"role": "assistant", "content": answer}
-    if effort == "high":
-        assistant["reasoning_content"] = add_trace(a, b)
-    return Example("add", [{"role": "user", "content": q}], assistant, effort, expected={"answer": answer})
+    return _with_effort("add", q, f"{a} + {b} = {a + b}.", add_trace(a, b), rng)
 
 
 def _sub(rng: random.Random) -> Example:
     a, b = sorted((rng.randint(0, 99), rng.randint(0, 99)), reverse=True)
     q = rng.choice(("What is {a} - {b}?", "Compute {a} - {b}.", "{a} - {b} = ?")).format(a=a, b=b)
-    effort = _effort(rng)
-    answer = f"{a} - {b} = {a - b}."
-    assistant: dict[str, Any] = {"role": "assistant", "content": answer}
-    if effort == "high":
-        assistant["reasoning_content"] = sub_trace(a, b)
-    return Example("sub", [{"role": "user", "content": q}], assistant, effort, expected={"answer": answer})
+    return _with_effort("sub", q, f"{a} - {b} = {a - b}.", sub_trace(a, b), rng)
 
 
 def _order(rng: random.Random) -> Example:
     nums = rng.sample(range(100), 3)
     q = rng.choice(("Sort from smallest to largest: {}.", "Order these numbers: {}.")).format(", ".join(map(str, nums)))
     s = sorted(nums)
-    effort = _effort(rng)
-    answer = f"{s[0]}, {s[1]}, {s[2]}."
-    assistant: dict[str, Any] = {"role": "assistant", "content": answer}
-    if effort == "high":
-        assistant["reasoning_content"] = f"The smallest is {s[0]}, the largest is {s[2]}, so {s[1]} is in the middle."
-    return Example("order", [{"role": "user", "content": q}], assistant, effort, expected={"answer": answer})
+    trace = f"The smallest is {s[0]}, the largest is {s[2]}, so {s[1]} is in the middle."
+    return _with_effort("order", q, f"{s[0]}, {s[1]}, {s[2]}.", trace, rng)
 
 
 def _expression(rng: random.Random) -> str:
