@@ -403,7 +403,7 @@ def _decode(bench: Bench, B: int, ctx: int, steps: int, warmup: int, per_seq: in
         query_start_loc=list(range(B + 1)),
         seq_lens=[pos + 1] * B,
         slot_mapping=torch.tensor(
-            [r.block_ids[pos // runner.block_size] * runner.block_size + pos % runner.block_size for r in reqs],
+            [runner.slot(r, pos) for r in reqs],
             device=device,
         ),
         block_tables=torch.tensor([r.block_ids for r in reqs], dtype=torch.int32, device=device),

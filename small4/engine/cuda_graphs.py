@@ -84,7 +84,7 @@ class DecodeGraphs:
         return next(b for b in self.ladder if b >= batch)
 
     def _meta(self, bucket: int, seq_lens: list[int]) -> AttentionMetadata:
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             query_start_loc=list(range(bucket + 1)),
             seq_lens=seq_lens,
             slot_mapping=self.slot_mapping[:bucket],
@@ -93,7 +93,6 @@ class DecodeGraphs:
             seq_lens_tensor=self.seq_lens[:bucket],
             static_shapes=True,
         )
-        return meta
 
     def _forward(self, bucket: int, seq_lens: list[int]) -> torch.Tensor:
         meta = self._meta(bucket, seq_lens)

@@ -163,6 +163,10 @@ class ModelRunner:
         rows.extend(offset + p - start for p in mm.slot_positions[lo:hi])
         embeds.append(mm.embeddings[lo:hi])
 
+    def slot(self, request: Request, position: int) -> int:
+        """The cache slot (block * block_size + offset) of a request's token at ``position``."""
+        return request.block_ids[position // self.block_size] * self.block_size + position % self.block_size
+
     def prepare_decode_graphs(self, max_model_len: int, max_batch: int) -> None:
         """Captures decode steps as CUDA graphs (GPU with the Triton kernels, unless ``enforce_eager``)."""
         if self.engine_cfg.enforce_eager or self.device.type != "cuda" or kernel_backend(self.device) != "triton":
@@ -184,7 +188,7 @@ class ModelRunner:
             req, pos = item.request, item.start
             tokens.extend(token_slice(req, pos, pos + 1))
             positions.append(pos)
-            slots.append(req.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size)
+            slots.append(self.slot(req, pos))
         tables = [item.request.block_ids for item in items]
         hidden = graphs.run(tokens, positions, slots, tables, [p + 1 for p in positions])
         rows = [i for i, item in enumerate(items) if item.samples]
@@ -204,7 +208,7 @@ class ModelRunner:
             tokens.extend(token_slice(req, start, start + n))
             pos = list(range(start, start + n))
             positions.extend(pos)
-            slots.extend(req.block_ids[p // self.block_size] * self.block_size + p % self.block_size for p in pos)
+            slots.extend(self.slot(req, p) for p in pos)
             starts.append(starts[-1] + n)
             seq_lens.append(start + n)
             tables.append(req.block_ids)
