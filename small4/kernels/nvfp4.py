@@ -81,7 +81,10 @@ def dequantize_nvfp4(
     global_scale: torch.Tensor,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Packed ``[..., out, in/2]`` + E4M3 ``[..., out, in/16]`` + divisor (scalar or ``[...]``) -> ``[..., out, in]``."""
+    """Packed ``[..., out, in/2]`` + E4M3 ``[..., out, in/16]`` + divisor (scalar or ``[...]``) -> ``[..., out, in]``.
+
+    The divisor is a scalar (per tensor) or one per leading index (per expert).
+    """
     values = unpack_fp4(packed)  # [..., out, in]
     step = block_scale.float()
     g = global_scale.float()
