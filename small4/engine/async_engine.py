@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from small4.config import EngineConfig
-from small4.engine.engine import Engine, TokenMaskFactory
+from small4.engine.engine import Engine, StepFailedError, TokenMaskFactory
 from small4.engine.multimodal import ImageInput
 from small4.engine.outputs import RequestOutput
 from small4.engine.sampling_params import SamplingParams
@@ -36,8 +36,19 @@ from small4.engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+# A device that is really gone fails every step: after this many failed steps in a row the engine is declared
+# dead (/health 503) instead of failing each new request forever. A bad request fails one step, not this many.
+MAX_CONSECUTIVE_STEP_FAILURES = 8
+
+
 class EngineDeadError(RuntimeError):
-    """The engine loop can no longer serve requests: a step raised (see ``__cause__``) or it was shut down."""
+    """The engine loop can no longer serve requests: it raised outside a step, steps kept failing (see
+    ``__cause__``), or it was shut down."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine step that held this request raised (see ``__cause__``); the request was ended and its blocks
+    freed. The engine keeps serving the others."""
 
 
 @dataclass(frozen=True)
@@ -77,13 +88,18 @@ class _Abort:
 
 
 @dataclass(frozen=True)
+class _AbortAll:
+    """End every request in flight (their streams finish with "abort"); the loop keeps running."""
+
+
+@dataclass(frozen=True)
 class _Stop:
     """Finish what is in flight, then exit; ``abort_all`` ends the in-flight requests first."""
 
     abort_all: bool = False
 
 
-_Command = _Add | _Abort | _Stop
+_Command = _Add | _Abort | _AbortAll | _Stop
 _END = object()  # queued after a stream's last output
 
 
@@ -199,6 +215,7 @@ class AsyncEngine:
         self._sinks: dict[str, _Sink] = {}  # event loop only
         self._live: dict[str, int] = {}  # engine thread only: request id -> sequences not yet finished
         self._counters = [0, 0, 0]  # engine thread only: requests, prompt tokens, generation tokens
+        self._failed_steps = 0  # engine thread only: consecutive failed steps
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, engine_cfg: EngineConfig | None = None) -> AsyncEngine:
@@ -294,6 +311,13 @@ class AsyncEngine:
             raise
         return stream
 
+    def abort_all(self) -> None:
+        """End every request in flight now (streams finish with "abort") and accept no new ones: what a server
+        does when its shutdown timeout runs out, so clients still get a final chunk. Thread-safe."""
+        self._accepting = False
+        if self._thread is not None and self._thread.is_alive():
+            self._inbox.put(_AbortAll())
+
     def abort(self, request_id: str) -> None:
         """End a request (all its sequences) and free its blocks within one step. Thread-safe, never blocks;
         unknown or finished ids are ignored."""
@@ -357,6 +381,14 @@ class AsyncEngine:
             if sink is not None and sink.put(out):
                 del self._sinks[out.request_id]
 
+    def _fail_requests(self, request_ids: list[str], error: StepFailedError) -> None:
+        for request_id in request_ids:
+            sink = self._sinks.pop(request_id, None)
+            if sink is not None:
+                failure = RequestFailedError(f"the engine step holding this request failed: {error.__cause__!r}")
+                failure.__cause__ = error.__cause__
+                sink.fail(failure)
+
     def _fail_all(self, error: EngineDeadError) -> None:
         for sink in self._sinks.values():
             sink.fail(_dead_copy(error))
@@ -378,13 +410,29 @@ class AsyncEngine:
                 for cmd in self._take_commands(block=not busy and not stopping):
                     stopping |= self._apply(cmd)
                 if self._engine.has_unfinished():
-                    self._publish(self._engine.step())
+                    self._publish(self._step())
                 self._refresh_stats()
         except BaseException as exc:  # noqa: BLE001 - any failure must reach every client, or one would hang
             log.exception("engine loop died")
             self._die(exc)
         finally:
             self._post(self._on_exit)
+
+    def _step(self) -> list[RequestOutput]:
+        """One step; a failed step fails only its own requests, unless steps keep failing (then re-raised)."""
+        try:
+            outputs = self._engine.step()
+        except StepFailedError as exc:
+            self._failed_steps += 1
+            log.error("engine step failed (%d in a row): %r", self._failed_steps, exc.__cause__, exc_info=exc)
+            if self._failed_steps >= MAX_CONSECUTIVE_STEP_FAILURES:
+                raise
+            for request_id in exc.request_ids:
+                self._live.pop(request_id, None)
+            self._post(self._fail_requests, exc.request_ids, exc)
+            return []
+        self._failed_steps = 0
+        return outputs
 
     def _take_commands(self, block: bool) -> list[_Command]:
         commands = [self._inbox.get()] if block else []
@@ -400,6 +448,9 @@ class AsyncEngine:
             self._add(cmd)
         elif isinstance(cmd, _Abort):
             self._publish(self._engine.abort_request(cmd.request_id))
+        elif isinstance(cmd, _AbortAll):
+            for request_id in list(self._live):
+                self._publish(self._engine.abort_request(request_id))
         else:
             if cmd.abort_all:
                 for request_id in list(self._live):

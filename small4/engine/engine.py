@@ -34,6 +34,15 @@ TokenMaskProvider = Callable[[list[int]], "torch.Tensor | None"]
 TokenMaskFactory = Callable[[], TokenMaskProvider]
 
 
+class StepFailedError(RuntimeError):
+    """A step raised; the requests it held (``request_ids``, the ids given to ``add_request``) were ended and
+    their blocks freed. The engine itself is consistent and keeps serving the others."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"an engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
+
+
 @dataclass
 class _Sequence:
     """Engine-side state of one sequence beside the scheduler's Request: detokenizer, RNG, grammar hook."""
@@ -166,15 +175,26 @@ class Engine:
 
     # ---- the step --------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. If any part of it raises (runner, sampler, a grammar hook, the detokenizer), the
+        requests it held are ended and their blocks freed, and ``StepFailedError`` names them: one bad batch
+        must not take the requests that were not in it, or the engine, down with it."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
         self.num_steps += 1
         self.num_preemptions += len(plan.preempted)
-        batch = self.runner.execute(plan)
-        sampled = self._sample(batch.request_ids, batch.logits)
-        self.scheduler.update_from_output(plan, {rid: tok for rid, (tok, _) in sampled.items()})
-        return self._emit(plan, sampled)
+        # parents taken before running: a sequence that finishes inside the failing step is still named
+        seqs = [self.sequences.get(item.request.request_id) for item in plan.scheduled]
+        parents = list(dict.fromkeys(s.parent_id for s in seqs if s is not None))
+        try:
+            batch = self.runner.execute(plan)
+            sampled = self._sample(batch.request_ids, batch.logits)
+            self.scheduler.update_from_output(plan, {rid: tok for rid, (tok, _) in sampled.items()})
+            return self._emit(plan, sampled)
+        except Exception as exc:
+            for parent in parents:
+                self.abort_request(parent)
+            raise StepFailedError(parents, exc) from exc
 
     def _sample(self, request_ids: list[str], logits: torch.Tensor) -> dict[str, tuple[int, TokenLogprobs | None]]:
         if not request_ids:

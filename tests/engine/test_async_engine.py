@@ -1,6 +1,7 @@
 """The asyncio front on the real tiny model: concurrent streams equal the offline engine token for token, aborts
 (explicit, by closing, by cancelling, by dropping the stream) free every block, rejections raise at ``add``, a
-failing step reaches every client as EngineDeadError, and shutdown lets in-flight requests finish."""
+failing step fails only its own requests (RequestFailedError) unless steps keep failing (EngineDeadError), and
+shutdown lets in-flight requests finish."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import pytest
 import torch
 
 from small4.config import EngineConfig
-from small4.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from small4.engine.async_engine import (
+    MAX_CONSECUTIVE_STEP_FAILURES,
+    AsyncEngine,
+    EngineDeadError,
+    RequestFailedError,
+    RequestStream,
+)
 from small4.engine.engine import LLM, Engine
 from small4.engine.outputs import RequestOutput
 from small4.engine.sampling_params import SamplingParams
@@ -180,35 +187,62 @@ def test_invalid_requests_raise_at_add_and_the_engine_keeps_serving(engine):
     _assert_all_blocks_free(engine)
 
 
-def test_a_failing_step_kills_every_stream_promptly(engine):
-    calls = {"n": 0}
-    real_execute = engine.runner.execute
+def _raising_mask_factory():
+    """A grammar hook that raises when the sampler calls it: a real fault inside a step, on the engine thread."""
 
-    def execute_then_fail(plan):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("device lost")
-        return real_execute(plan)
+    def provider(output_token_ids):
+        raise RuntimeError("matcher exploded")
+
+    return provider
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(model_dir, engine):
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    expected = LLM(model_dir, CFG).generate([_prompt(3, 7)], params)[0].outputs[0].token_ids
+
+    async def main():
+        async with AsyncEngine(engine) as front:
+            bystander = await front.add("bystander", _prompt(1, 5), LONG)
+            await bystander.__anext__()  # running: it shares the next step with the bad request
+            bad = await front.add("bad", _prompt(2, 5), LONG, token_mask_factory=_raising_mask_factory)
+            results = await asyncio.wait_for(
+                asyncio.gather(_collect(bad), _collect(bystander), return_exceptions=True), timeout=10
+            )
+            assert all(isinstance(r, RequestFailedError) for r in results), results
+            assert isinstance(results[0].__cause__, RuntimeError)
+            assert front.healthy
+            await _wait_until(lambda: _idle_and_empty(front))
+            after = await _collect(await front.add("after", _prompt(3, 7), params))
+            assert [t for o in after[0] for t in o.new_token_ids] == expected
+            assert after[0][-1].finish_reason == "length"
+
+    asyncio.run(main())
+    _assert_all_blocks_free(engine)
+
+
+def test_steps_that_keep_failing_kill_the_engine(engine):
+    def broken(plan):
+        raise RuntimeError("device lost")
+
+    engine.runner.execute = broken
 
     async def main():
         front = AsyncEngine(engine)
         front.start()
-        streams = [await front.add(f"s{i}", _prompt(i, 4 + i), LONG) for i in range(4)]
-        for stream in streams:  # all are running
-            await stream.__anext__()
-        engine.runner.execute = execute_then_fail
-        results = await asyncio.wait_for(
-            asyncio.gather(*(_collect(s) for s in streams), return_exceptions=True), timeout=5
-        )
-        assert all(isinstance(r, EngineDeadError) for r in results), results
-        assert isinstance(results[0].__cause__, RuntimeError)
+        for i in range(MAX_CONSECUTIVE_STEP_FAILURES - 1):
+            with pytest.raises(RequestFailedError):
+                await asyncio.wait_for(_collect(await front.add(f"s{i}", _prompt(i, 4), LONG)), timeout=5)
+            assert front.healthy
+        last = await front.add("last", _prompt(9, 4), LONG)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(_collect(last), timeout=5)
         assert not front.healthy
         with pytest.raises(EngineDeadError):
             await front.add("late", _prompt(9, 4), LONG)
         await asyncio.wait_for(front.shutdown(), timeout=5)
 
     asyncio.run(main())
-    assert calls["n"] == 1
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_shutdown_finishes_in_flight_requests_then_refuses_new_ones(engine):
