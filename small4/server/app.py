@@ -19,7 +19,7 @@ from small4.server.chat import ChatHandler
 from small4.server.completions import CompletionHandler
 from small4.server.context import ServerContext
 from small4.server.errors import install_error_handlers
-from small4.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from small4.server.middleware import APIKeyMiddleware, SizeLimitMiddleware
 from small4.server.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,10 @@ def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
             yield
         finally:
             await ctx.engine.shutdown(timeout=options.shutdown_timeout_s)
+            ctx.close()
 
-    app = FastAPI(title="small4", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # redirect_slashes off: Starlette's redirect for "/v1/models/" is built from the client's Host header
+    app = FastAPI(title="small4", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     install_error_handlers(app)
     chat, completions = ChatHandler(ctx), CompletionHandler(ctx)
 
@@ -74,5 +76,7 @@ def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
 
     # outermost first: the size cap runs before auth reads nothing but headers anyway
     app.add_middleware(APIKeyMiddleware, api_key=options.api_key)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=ctx.limits.max_body_bytes)
+    app.add_middleware(
+        SizeLimitMiddleware, max_bytes=ctx.limits.max_body_bytes, max_header_bytes=ctx.limits.max_header_bytes
+    )
     return app

@@ -3,7 +3,6 @@ output into content / reasoning_content / tool_calls, answer as JSON or as SSE d
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,7 +12,13 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
-from small4.chat.grammar import GrammarCompiler, GrammarError, enforce_schemas, response_format_from_openai
+from small4.chat.grammar import (
+    CompiledGrammar,
+    GrammarCompiler,
+    GrammarError,
+    enforce_schemas,
+    response_format_from_openai,
+)
 from small4.chat.parse import MARKERS, OutputParser, ParsedDelta
 from small4.chat.render import ChatRenderer, RenderedPrompt, RenderError
 from small4.engine.engine import TokenMaskFactory
@@ -46,30 +51,41 @@ class ChatHandler:
 
     async def __call__(self, body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         self.ctx.check_model(body.model)
-        self.ctx.check_capacity()
-        rendered = await asyncio.to_thread(self._render, body)  # may fetch remote images: off the event loop
-        prompt_len = len(rendered.token_ids)
-        max_tokens = self.ctx.resolve_max_tokens(prompt_len, body.requested_max_tokens)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        # control tokens ([THINK], [TOOL_CALLS], ...) stay in the text for the output parser; other specials never
-        params = body.sampling_params(max_tokens, logprobs, self.control_token_ids)
-        mask = await self._token_mask(body, rendered)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self.ctx.add(
-            rid, rendered.token_ids, params, token_mask_factory=mask, images=_image_inputs(rendered)
-        )
-        tools = bool(body.tools) and body.tool_choice != "none"
-        choices = [_Choice(i, OutputParser(reasoning=rendered.reasoning, tools=tools)) for i in range(body.n)]
-        created = int(time.time())
-        if body.stream:
-            chunks = self._stream(body, rid, created, stream, choices, prompt_len)
-            return StreamingResponse(
-                sse_response_body(chunks, self.ctx.metrics, ENDPOINT), media_type="text/event-stream"
+        self.ctx.check_model_bounds(body.model_bounded_fields())
+        chars, has_images = _text_size(body)
+        self.ctx.check_prompt_chars(chars, "messages")
+        ticket = self.ctx.admit(body.n)  # at arrival, before any rendering: the cap holds under a burst
+        streaming = False
+        try:
+            # rendering may fetch and decode images, then the grammar compiles: both in the bounded render pool
+            size = self.ctx.limits.small_request_chars + 1 if has_images else chars
+            rendered = await self.ctx.run_blocking(self._render, body, size=size)
+            prompt_len = len(rendered.token_ids)
+            max_tokens = self.ctx.resolve_max_tokens(prompt_len, body.requested_max_tokens)
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            # control tokens ([THINK], [TOOL_CALLS], ...) stay in the text for the output parser; other specials never
+            params = body.sampling_params(max_tokens, logprobs, self.control_token_ids)
+            compiled = await self.ctx.run_blocking(self._grammar, body, rendered, size=size)
+            mask = None if compiled is None else self._mask_factory(compiled)
+            rid = f"chatcmpl-{uuid.uuid4().hex}"
+            stream = await self.ctx.add(
+                rid, rendered.token_ids, params, token_mask_factory=mask, images=_image_inputs(rendered)
             )
-        done = await until_disconnect(request, self._collect(stream, choices))
-        if done is None:
-            return JSONResponse({}, status_code=499)
-        return JSONResponse(self._final(body, rid, created, choices, prompt_len))
+            tools = bool(body.tools) and body.tool_choice != "none"
+            choices = [_Choice(i, OutputParser(reasoning=rendered.reasoning, tools=tools)) for i in range(body.n)]
+            created = int(time.time())
+            if body.stream:
+                chunks = self._stream(body, rid, created, stream, choices, prompt_len)
+                body_iter = sse_response_body(chunks, self.ctx.metrics, ENDPOINT, ticket)
+                streaming = True
+                return StreamingResponse(body_iter, media_type="text/event-stream")
+            done = await until_disconnect(request, self._collect(stream, choices))
+            if done is None:
+                return JSONResponse({}, status_code=499)
+            return JSONResponse(self._final(body, rid, created, choices, prompt_len))
+        finally:
+            if not streaming:
+                ticket.release()
 
     def _render(self, body: ChatCompletionRequest) -> RenderedPrompt:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
@@ -87,20 +103,21 @@ class ChatHandler:
         except RenderError as e:
             raise APIError(400, str(e), getattr(e, "param", None) or "messages") from e
 
-    async def _token_mask(self, body: ChatCompletionRequest, rendered: RenderedPrompt) -> TokenMaskFactory | None:
-        """Compiles the request's grammar (json_schema / json_object / tool_choice required or named) off the event
-        loop; each of the n sequences then gets its own matcher over the shared compiled grammar."""
+    def _grammar(self, body: ChatCompletionRequest, rendered: RenderedPrompt) -> CompiledGrammar | None:
+        """The request's compiled grammar (json_schema / json_object / tool_choice required or named), or None.
+        Blocking (schema to grammar, then the compile, itself time-limited): runs in the render pool."""
         request = rendered.request
         try:
             if body.response_format is not None:
                 rf = response_format_from_openai(body.response_format)
                 request = request.model_copy(update={"response_format": rf})
             grammar = self.grammars.grammar_for(enforce_schemas(request), rendered.reasoning)
-            if grammar is None:
-                return None
-            compiled = await asyncio.to_thread(self.grammars.compile, grammar)
+            return None if grammar is None else self.grammars.compile(grammar)
         except GrammarError as e:
             raise APIError(400, str(e), "response_format" if body.response_format else "tool_choice") from e
+
+    def _mask_factory(self, compiled: CompiledGrammar) -> TokenMaskFactory:
+        """Each of the n sequences gets its own matcher over the shared compiled grammar."""
         vocab = self.ctx.vocab_size
         return lambda: token_mask_provider(self.grammars.matcher(compiled), vocab)
 
@@ -219,6 +236,21 @@ class ChatHandler:
                 yield sse({**base, "choices": [], "usage": usage})
         finally:
             await stream.aclose()
+
+
+def _text_size(body: ChatCompletionRequest) -> tuple[int, bool]:
+    """Characters of message text (a lower bound on what rendering costs) and whether any image is attached."""
+    chars, images = 0, False
+    for m in body.messages:
+        parts = [m.content] if isinstance(m.content, str) else m.content or []
+        for part in parts:
+            if isinstance(part, str):
+                chars += len(part)
+            elif isinstance(part, dict):
+                text = part.get("text")
+                chars += len(text) if isinstance(text, str) else 0
+                images |= part.get("type") == "image_url"
+    return chars, images
 
 
 def _image_inputs(rendered: RenderedPrompt) -> list[ImageInput] | None:

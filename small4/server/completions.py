@@ -48,43 +48,58 @@ class CompletionHandler:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.ctx.tokenizer.encode(prompt, bos=True)
+    def _prompt_ids(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of every prompt; blocking for long text, so it runs in the render pool."""
         vocab = self.ctx.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
-        return prompt
+        out = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                out.append(self.ctx.tokenizer.encode(prompt, bos=True))
+            elif any(not 0 <= t < vocab for t in prompt):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+            else:
+                out.append(prompt)
+        return out
 
     async def __call__(self, body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         self.ctx.check_model(body.model)
-        self.ctx.check_capacity()
-        prompts = [self._prompt_ids(p) for p in body.prompts()]
-        if len(prompts) > 64:
-            raise APIError(400, "at most 64 prompts per request", "prompt")
-        longest = max(len(p) for p in prompts)
-        max_tokens = self.ctx.resolve_max_tokens(longest, body.max_tokens)
-        params = body.sampling_params(max_tokens, body.logprobs)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = []
+        self.ctx.check_model_bounds(body.model_bounded_fields())
+        texts = body.prompts()
+        for text in texts:
+            self.ctx.check_prompt_chars(len(text) if isinstance(text, str) else 0, "prompt")
+        ticket = self.ctx.admit(len(texts) * body.n)  # sequences, at arrival, before tokenizing
+        streaming = False
         try:
-            for i, ids in enumerate(prompts):
-                streams.append(await self.ctx.add(f"{rid}-{i}", ids, params))
-        except BaseException:
-            for s in streams:
-                await s.aclose()
-            raise
-        created = int(time.time())
-        echo = [self.ctx.tokenizer.decode(p) if body.echo else "" for p in prompts]
-        choices = [_Choice(i * body.n + k, echo[i]) for i in range(len(prompts)) for k in range(body.n)]
-        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
-        if body.stream:
-            gen = self._stream(body, rid, created, streams, choices, usage)
-            return StreamingResponse(sse_response_body(gen, self.ctx.metrics, ENDPOINT), media_type="text/event-stream")
-        result = await until_disconnect(request, self._collect(streams, choices, usage, body.n))
-        if result is None:
-            return JSONResponse({}, status_code=499)
-        return JSONResponse(self._final(body, rid, created, choices, usage))
+            size = sum(len(t) for t in texts if isinstance(t, str))
+            prompts = await self.ctx.run_blocking(self._prompt_ids, texts, size=size)
+            longest = max(len(p) for p in prompts)
+            max_tokens = self.ctx.resolve_max_tokens(longest, body.max_tokens)
+            params = body.sampling_params(max_tokens, body.logprobs)
+            rid = f"cmpl-{uuid.uuid4().hex}"
+            streams = []
+            try:
+                for i, ids in enumerate(prompts):
+                    streams.append(await self.ctx.add(f"{rid}-{i}", ids, params))
+            except BaseException:
+                for s in streams:
+                    await s.aclose()
+                raise
+            created = int(time.time())
+            echo = [self.ctx.tokenizer.decode(p) if body.echo else "" for p in prompts]
+            choices = [_Choice(i * body.n + k, echo[i]) for i in range(len(prompts)) for k in range(body.n)]
+            usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
+            if body.stream:
+                gen = self._stream(body, rid, created, streams, choices, usage)
+                body_iter = sse_response_body(gen, self.ctx.metrics, ENDPOINT, ticket)
+                streaming = True
+                return StreamingResponse(body_iter, media_type="text/event-stream")
+            result = await until_disconnect(request, self._collect(streams, choices, usage, body.n))
+            if result is None:
+                return JSONResponse({}, status_code=499)
+            return JSONResponse(self._final(body, rid, created, choices, usage))
+        finally:
+            if not streaming:
+                ticket.release()
 
     async def _collect(self, streams, choices: list[_Choice], usage: dict[str, int], n: int) -> bool:
         for p, stream in enumerate(streams):

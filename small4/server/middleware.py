@@ -1,4 +1,4 @@
-"""Raw ASGI middleware: API-key check and body-size cap, before FastAPI parses anything.
+"""Raw ASGI middleware: API-key check and header / body size caps, before FastAPI parses anything.
 
 They sit on the ASGI path (not as FastAPI dependencies) so that every route, including unknown ones, is covered
 and an oversized or unauthenticated body is refused without being read into memory.
@@ -64,46 +64,52 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class SizeLimitMiddleware:
+    """Refuses oversized requests before FastAPI sees them: headers over ``max_header_bytes`` in all with 431, a
+    body over ``max_bytes`` with 413, by Content-Length up front and by counting while reading (a chunked body
+    has no length). The body is read here, at most ``max_bytes`` of it, and replayed to the app: FastAPI would
+    buffer it whole anyway, and a cap hit inside FastAPI's own body reading would turn into its generic 400."""
 
-
-class BodySizeLimitMiddleware:
-    """Refuses bodies over ``max_bytes`` with 413: by Content-Length up front, and by counting while reading
-    (a chunked body has no length), so a large upload is never buffered whole."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, max_header_bytes: int = 32 * 1024) -> None:
+        self.app, self.max_bytes, self.max_header_bytes = app, max_bytes, max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await _send_error(send, 413, f"request body larger than {self.max_bytes} bytes", "invalid_request_error")
+        headers = scope.get("headers") or []
+        if sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+            await _send_error(
+                send, 431, f"request headers larger than {self.max_header_bytes} bytes", "invalid_request_error"
+            )
             return
-        received = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal received
+        length = dict(headers).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await self._too_large(send)
+            return
+        chunks, received = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away before its body was complete: nobody to answer
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay() -> Message:
+            nonlocal pending
+            if pending is not None:
+                message, pending = pending, None
+                return message
+            return await receive()  # later calls: disconnect detection
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _send_error(
-                    send, 413, f"request body larger than {self.max_bytes} bytes", "invalid_request_error"
-                )
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        await _send_error(send, 413, f"request body larger than {self.max_bytes} bytes", "invalid_request_error")

@@ -2,10 +2,16 @@
 
 Unknown fields are rejected (never accepted and silently ignored); ranges follow the OpenAI API, with the vLLM
 sampling extensions users rely on (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids).
+
+Every number has both bounds here, so nothing the engine thread computes from a request can overflow (a top_k of
+2**63 once reached a tensor constructor): NaN and infinities are refused, integers are capped at ``MAX_INT32``
+(lengths) or the seed's 64-bit range, and what depends on the model (top_k, token ids: the vocabulary; max_tokens:
+max_model_len) is checked by ``ServerContext`` before any rendering. A value out of range is a 400.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -14,6 +20,11 @@ from small4.engine.sampling_params import MAX_N, MAX_TOP_LOGPROBS, SamplingParam
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 1024
+MAX_INT32 = 2**31 - 1  # upper bound of every length-like field (the model's own limits are checked later)
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
 
 class ErrorInfo(BaseModel):
@@ -34,7 +45,7 @@ def error_body(
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -58,12 +69,12 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     # vLLM extensions
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)  # and <= the vocabulary (ServerContext)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)  # below 0.01 logits / penalty overflow
+    min_tokens: int = Field(0, ge=0, le=MAX_INT32)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # ids checked by ServerContext
     include_stop_str_in_output: bool = False
 
     @field_validator("stop")
@@ -81,14 +92,22 @@ class _SamplingFields(_Strict):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries")
         for key, value in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not _TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:32]!r}")
             if not -100.0 <= value <= 100.0:
                 raise ValueError("logit_bias values must be in [-100, 100]")
-        if v is not None and len(v) > 1024:
-            raise ValueError("at most 1024 logit_bias entries")
         return v
+
+    def model_bounded_fields(self) -> dict[str, list[int]]:
+        """The token ids and top_k, which only the model can bound (by its vocabulary size)."""
+        return {
+            "top_k": [self.top_k] if self.top_k is not None and self.top_k > 0 else [],
+            "logit_bias": [int(k) for k in self.logit_bias or {}],
+            "stop_token_ids": list(self.stop_token_ids or ()),
+        }
 
     def sampling_params(
         self, max_tokens: int, logprobs: int | None, kept_special_token_ids: tuple[int, ...] = ()
@@ -127,8 +146,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
@@ -158,7 +177,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
@@ -172,6 +191,8 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("best_of must equal n (server-side reranking is not supported)")
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
             raise ValueError("prompt must not be empty")
+        if isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list)) and len(self.prompt) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return self
 
     def prompts(self) -> list[str | list[int]]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import socket
 from pathlib import Path
 
 import uvicorn
@@ -37,13 +39,24 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "float32", "fp8"], default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before answering 503")
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="sequences admitted beyond --max-num-seqs before answering 503"
+    )
+    p.add_argument("--max-seqs-per-request", type=int, default=64, help="prompts x n of one request")
     p.add_argument("--max-body-bytes", type=parse_bytes, default=32 * 1024 * 1024)
-    p.add_argument("--shutdown-timeout", type=float, default=30.0)
+    p.add_argument("--max-header-bytes", type=parse_bytes, default=32 * 1024)
+    p.add_argument("--render-timeout", type=float, default=30.0, help="seconds to render / tokenize one request")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests may run before they are ended with finish_reason 'abort'",
+    )
     p.add_argument("--allowed-media-domains", default="", help="hosts remote image URLs may come from (off if empty)")
     p.add_argument("--max-images-per-request", type=int, default=8)
     p.add_argument("--max-image-bytes", type=parse_bytes, default=10 * 1024 * 1024)
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--max-image-pixels", type=int, default=MediaPolicy.max_pixels)
+    p.add_argument("--max-request-image-pixels", type=int, default=MediaPolicy.max_total_pixels)
     p.add_argument("--media-fetch-timeout", type=float, default=10.0)
 
 
@@ -68,26 +81,69 @@ def build_from_args(args: argparse.Namespace):
     engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
     name = args.served_model_name or ("small4-tiny" if not args.model else model_dir.name)
     limits = ServerLimits(
-        max_model_len=engine.engine.max_model_len, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes
+        max_model_len=engine.engine.max_model_len,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_seqs_per_request=args.max_seqs_per_request,
+        render_timeout_s=args.render_timeout,
     )
     media = MediaPolicy(
         allowed_domains=parse_allowed_domains(args.allowed_media_domains),
         max_images=args.max_images_per_request,
         max_image_bytes=args.max_image_bytes,
         max_pixels=args.max_image_pixels,
+        max_total_pixels=args.max_request_image_pixels,
         fetch_timeout_s=args.media_fetch_timeout,
     )
     ctx = ServerContext(engine, Tokenizer.from_file(model_dir), name, limits, media)
     return build_app(ctx, AppOptions(api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout)), ctx
 
 
-class _GracefulServer(uvicorn.Server):
-    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown (so the process dies by the signal); a server
-    that drained cleanly should exit 0 instead, which is what process supervisors expect."""
+FLUSH_GRACE_S = 5.0  # after the drain timeout, how long aborted responses get to send their last chunk
+
+
+class GracefulServer(uvicorn.Server):
+    """Shutdown that never cuts a response short: after ``drain_timeout_s`` the requests still running are
+    aborted in the engine, so each stream ends with a finish_reason "abort" chunk and ``[DONE]`` (and each
+    non-streaming response with "abort") while the sockets are still open; uvicorn's own hard cancel comes
+    ``FLUSH_GRACE_S`` later, only for a client that does not read.
+
+    uvicorn also re-raises SIGTERM/SIGINT after its graceful shutdown (so the process dies by the signal); a
+    server that drained cleanly exits 0 instead, which is what process supervisors expect."""
+
+    def __init__(self, config: uvicorn.Config, ctx: ServerContext, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.ctx, self.drain_timeout_s = ctx, drain_timeout_s
 
     def handle_exit(self, sig: int, frame: object) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.drain_timeout_s, self._drain_timed_out)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _drain_timed_out(self) -> None:
+        log.warning("shutdown: ending the requests still running after %.1f s", self.drain_timeout_s)
+        self.ctx.engine.abort_all()
+
+
+def make_server(app, ctx: ServerContext, host: str, port: int, shutdown_timeout_s: float) -> GracefulServer:
+    """The uvicorn server for an app: h11 with the header cap also bounding an incomplete request head."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http="h11",
+        h11_max_incomplete_event_size=ctx.limits.max_header_bytes,
+        timeout_graceful_shutdown=int(shutdown_timeout_s + FLUSH_GRACE_S),
+    )
+    return GracefulServer(config, ctx, shutdown_timeout_s)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -100,8 +156,5 @@ def serve(args: argparse.Namespace) -> int:
         args.port,
         ctx.engine.engine.runner.max_cached_tokens,
     )
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=int(args.shutdown_timeout)
-    )
-    _GracefulServer(config).run()
+    make_server(app, ctx, args.host, args.port, args.shutdown_timeout).run()
     return 0

@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from small4.engine.async_engine import EngineDeadError, RequestStream
+from small4.engine.async_engine import EngineDeadError, RequestFailedError, RequestStream
 from small4.engine.outputs import RequestOutput
+from small4.server.context import Ticket
 from small4.server.errors import APIError
 from small4.server.metrics import ServerMetrics
 
@@ -29,18 +30,25 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {payload}\n\n"
 
 
-async def sse_response_body(chunks: AsyncIterator[str], metrics: ServerMetrics, endpoint: str) -> AsyncIterator[str]:
+async def sse_response_body(
+    chunks: AsyncIterator[str], metrics: ServerMetrics, endpoint: str, ticket: Ticket | None = None
+) -> AsyncIterator[str]:
     """Frames a handler's SSE chunks: ``[DONE]`` at the end, and an error event (then ``[DONE]``) if the engine
-    fails mid-stream, since the 200 status line has already gone out."""
+    fails mid-stream, since the 200 status line has already gone out. Gives the admission ticket back at the end
+    (however the body ends: finished, failed, or the client gone)."""
     try:
-        async for chunk in chunks:
-            yield chunk
-    except APIError as e:
-        metrics.requests.labels(endpoint, str(e.status)).inc()
-        yield sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": e.status}})
-    else:
-        metrics.requests.labels(endpoint, "200").inc()
-    yield sse("[DONE]")
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except APIError as e:
+            metrics.requests.labels(endpoint, str(e.status)).inc()
+            yield sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": e.status}})
+        else:
+            metrics.requests.labels(endpoint, "200").inc()
+        yield sse("[DONE]")
+    finally:
+        if ticket is not None:
+            ticket.release()
 
 
 async def timed_outputs(stream: RequestStream, metrics: ServerMetrics, endpoint: str) -> AsyncIterator[RequestOutput]:
@@ -69,7 +77,7 @@ async def _engine_errors_as_api_errors(stream: RequestStream) -> AsyncIterator[R
     try:
         async for out in stream:
             yield out
-    except EngineDeadError as e:
+    except (EngineDeadError, RequestFailedError) as e:
         raise APIError(500, "the engine failed while generating this response", code="engine_error") from e
 
 

@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from small4.cli import build_parser
-from small4.server.serve import build_from_args
+from small4.server.serve import build_from_args, make_server
 from small4.weights.tiny import make_tiny
 
 
@@ -74,7 +74,7 @@ def start_server(model_dir, *extra: str, api_key: str | None = None) -> RunningS
         argv += ["--api-key", api_key]
     args = build_parser().parse_args(argv)
     app, ctx = build_from_args(args)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = make_server(app, ctx, "127.0.0.1", port, args.shutdown_timeout)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
