@@ -55,6 +55,8 @@ from mistral_common.protocol.instruct.tool_calls import NamedToolChoice, ToolCho
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from pydantic import ValidationError
 
+from small4.chat.render import MAX_JSON_DEPTH, json_depth
+
 _JSON_OBJECT = JsonSchema(name="json_object", schema={"type": "object"}, strict=True)
 _OPENAI_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
 _JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
@@ -92,6 +94,8 @@ def response_format_from_openai(response_format: Mapping[str, Any] | None) -> Re
         raise GrammarError("response_format.json_schema.name must be a non-empty string")
     if not isinstance(schema, Mapping):
         raise GrammarError("response_format.json_schema.schema must be an object (a JSON Schema)")
+    if json_depth(dict(schema)) > MAX_JSON_DEPTH:
+        raise GrammarError(f"response_format.json_schema.schema is nested deeper than {MAX_JSON_DEPTH} levels")
     strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise GrammarError("response_format.json_schema.strict must be a boolean")
@@ -266,6 +270,8 @@ class GrammarCompiler:
             return self._factory.get_grammar_for_chat_request(request, template)
         except (InvalidRequestException, ValueError) as e:
             raise GrammarError(str(e)) from e
+        except RecursionError:  # a backstop: render and response_format_from_openai bound the nesting
+            raise GrammarError("the schema is nested too deeply to build a grammar") from None
 
     # ---- compiling ---------------------------------------------------------------------------------------
     def compile(self, grammar: str) -> CompiledGrammar:

@@ -18,6 +18,11 @@ Limits (``MediaPolicy``):
 * ``max_pixels`` per image, and width and height must be positive: checked on the size in the image header,
   *before* any pixel is decoded (decompression bombs). PIL's own global ``Image.MAX_IMAGE_PIXELS`` check is left
   untouched and stays an outer bound (it refuses above twice its default of ~89M pixels);
+* ``max_total_pixels`` per request (the caller passes what is left of it as ``pixel_budget``), also from headers;
+* memory: at most ``max_concurrent_decodes`` images decode at once in the process, and an image larger than the
+  model takes (``max_side``) is shrunk right after decoding, in 8-bit PIL form: JPEGs decode at a reduced DCT
+  scale (``Image.draft``), and nothing downstream (mistral-common converts to RGBA and float32 at the size it is
+  given) ever sees the full-size image. A 6000x6000 1-bit PNG so costs tens of MB, not GBs;
 * truncated or corrupt files fail inside ``load_image`` (``Image.load()`` is called here, not later).
 
 Remote URLs (off unless ``allowed_domains`` is non-empty):
@@ -59,6 +64,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cache
 
 import httpx
 from PIL import Image
@@ -107,6 +113,8 @@ class MediaPolicy:
     max_images: int = 8
     max_image_bytes: int = 10 * MiB
     max_pixels: int = 40_000_000
+    max_total_pixels: int = 64_000_000  # all images of one request
+    max_concurrent_decodes: int = 2  # in the whole process (per value: policies with the same value share it)
     fetch_timeout_s: float = 10.0
     max_redirects: int = 3
     # Only for tests of the fetch path against a loopback server; never a server default.
@@ -116,7 +124,7 @@ class MediaPolicy:
         if isinstance(self.allowed_domains, str):
             raise TypeError("allowed_domains must be a collection of hosts, not a string; see parse_allowed_domains")
         object.__setattr__(self, "allowed_domains", parse_allowed_domains(self.allowed_domains))
-        for name in ("max_images", "max_image_bytes", "max_pixels"):
+        for name in ("max_images", "max_image_bytes", "max_pixels", "max_total_pixels", "max_concurrent_decodes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"MediaPolicy.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.max_redirects, int) or self.max_redirects < 0:
@@ -141,33 +149,42 @@ class MediaPolicy:
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """A decoded image and the SHA-256 of the encoded bytes it was decoded from."""
+    """A decoded (possibly shrunk) image, the SHA-256 of the encoded bytes it was decoded from, and the size in
+    the header (what counts against the pixel limits)."""
 
     image: Image.Image = field(repr=False)
     sha256: bytes
     num_bytes: int
+    source_pixels: int = 0
 
 
-def load_image(url: str, policy: MediaPolicy) -> LoadedImage:
+def load_image(
+    url: str, policy: MediaPolicy, max_side: int | None = None, pixel_budget: int | None = None
+) -> LoadedImage:
     """Load, check and fully decode the image behind an OpenAI ``image_url`` url; raise ``MediaError``.
 
-    Synchronous and possibly slow (network, decoding): call it off the event loop.
+    ``max_side``: the longest side the consumer uses (larger images come back shrunk to it, aspect kept);
+    ``pixel_budget``: what the request may still decode (``max_pixels`` also applies). Synchronous and possibly
+    slow (network, decoding): call it off the event loop.
     """
     if not isinstance(url, str):
         raise MediaError("image_url needs a url string")
     if url[:5].lower() == "data:":
-        return decode_image(_data_url_bytes(url, policy), policy)
+        return decode_image(_data_url_bytes(url, policy), policy, max_side, pixel_budget)
     if url[:8].lower() == "https://" or url[:7].lower() == "http://":
         if not policy.remote_enabled:
             raise MediaError("remote image URLs are disabled; send the image as a base64 data: URL")
-        return decode_image(_fetch(url, policy), policy)
+        return decode_image(_fetch(url, policy), policy, max_side, pixel_budget)
     if policy.remote_enabled:
         raise MediaError("image URLs must be base64 data: URLs (data:image/png;base64,...) or http(s) URLs")
     raise MediaError("image URLs must be base64 data: URLs (data:image/png;base64,...)")
 
 
-def decode_image(raw: bytes, policy: MediaPolicy) -> LoadedImage:
-    """Encoded image bytes -> ``LoadedImage``; sizes checked from the header before any pixel is decoded."""
+def decode_image(
+    raw: bytes, policy: MediaPolicy, max_side: int | None = None, pixel_budget: int | None = None
+) -> LoadedImage:
+    """Encoded image bytes -> ``LoadedImage``; sizes checked from the header before any pixel is decoded, at most
+    ``max_concurrent_decodes`` decodes at once, shrunk to ``max_side`` (see ``load_image``)."""
     if not raw:
         raise MediaError("the image is empty")
     if len(raw) > policy.max_image_bytes:
@@ -186,13 +203,47 @@ def decode_image(raw: bytes, policy: MediaPolicy) -> LoadedImage:
         raise MediaError(
             f"the image is {width}x{height} = {width * height} pixels, over the limit of {policy.max_pixels} pixels"
         )
-    try:
-        image.load()
-    except Image.DecompressionBombError:
-        raise MediaError(f"the image has more than the limit of {policy.max_pixels} pixels") from None
-    except Exception:
-        raise MediaError("the image data is not a decodable image: the file is truncated or corrupt") from None
-    return LoadedImage(image=image, sha256=hashlib.sha256(raw).digest(), num_bytes=len(raw))
+    if pixel_budget is not None and width * height > pixel_budget:
+        raise MediaError(
+            f"the images of this request have more than the limit of {policy.max_total_pixels} pixels in all"
+        )
+    with _decode_slots(policy.max_concurrent_decodes):
+        target = _shrunk_size(width, height, max_side)
+        if target is not None and image.format == "JPEG":
+            image.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale, still at least the target size
+        try:
+            image.load()
+        except Image.DecompressionBombError:
+            raise MediaError(f"the image has more than the limit of {policy.max_pixels} pixels") from None
+        except Exception:
+            raise MediaError("the image data is not a decodable image: the file is truncated or corrupt") from None
+        if target is not None:
+            image = _shrink(image, target)
+    digest = hashlib.sha256(raw).digest()
+    return LoadedImage(image=image, sha256=digest, num_bytes=len(raw), source_pixels=width * height)
+
+
+@cache
+def _decode_slots(n: int) -> threading.BoundedSemaphore:
+    return threading.BoundedSemaphore(n)
+
+
+def _shrunk_size(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
+    """The size mistral-common scales an image to before its patch grid (longest side ``max_side``, rounded the
+    same way), so the grid and the token count are the ones the full-size image gets; None if it already fits."""
+    ratio = max(width, height) / max_side if max_side else 1.0
+    if ratio <= 1:
+        return None
+    return max(round(width / ratio), 1), max(round(height / ratio), 1)
+
+
+def _shrink(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Antialiased downscale in 8-bit form. Palette and 1-bit images become L / RGB / RGBA first (what PIL's
+    filters need), keeping transparency so mistral-common still puts it on white."""
+    if image.mode not in ("L", "RGB", "RGBA"):
+        alpha = image.mode in ("LA", "PA", "RGBa", "La") or "transparency" in image.info
+        image = image.convert("RGBA" if alpha else ("L" if image.mode in ("1", "I", "I;16", "F") else "RGB"))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 # -- data: URLs -------------------------------------------------------------------------------------

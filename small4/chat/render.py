@@ -80,6 +80,9 @@ _FUNCTION_KEYS = frozenset({"name", "description", "parameters", "strict"})
 _TOOL_CALL_KEYS = frozenset({"id", "type", "function"})
 _FUNCTION_CALL_KEYS = frozenset({"name", "arguments"})
 _TOOL_CHOICES = ("auto", "none", "required")
+# Deepest JSON (tool parameters, response_format) accepted: mistral-common and the grammar builder recurse per
+# level and hit Python's recursion limit near 250; real schemas stay far below this.
+MAX_JSON_DEPTH = 64
 DEFAULT_MEDIA_POLICY = MediaPolicy()  # data: URLs only (frozen, so safe to share)
 
 
@@ -139,6 +142,9 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.media_policy = media_policy
+        encoder = getattr(tokenizer.instruct_tokenizer, "image_encoder", None)
+        # images are shrunk to this while still 8-bit PIL, never handed to mistral-common at full size
+        self._max_image_side: int | None = encoder.image_config.max_image_size if encoder is not None else None
         # Serving-mode validation is stricter than the default "test" mode of MistralTokenizer.from_file
         # (e.g. every tool call must be answered); run it explicitly before encoding.
         self._validator = get_validator(tokenizer.instruct_tokenizer.tokenizer.version, mode=ValidationMode.serving)
@@ -163,7 +169,7 @@ class ChatRenderer:
         if not isinstance(messages, list) or not messages:
             raise RenderError("messages must be a non-empty list", "messages")
         ids = _ToolCallIds(messages)
-        images = _Images(self.media_policy)
+        images = _Images(self.media_policy, self._max_image_side)
         converted = [self._message(m, i, ids, images) for i, m in enumerate(messages)]
         last = converted[-1]
         if not (isinstance(last, (UserMessage, ToolMessage)) or (isinstance(last, AssistantMessage) and last.prefix)):
@@ -172,6 +178,9 @@ class ChatRenderer:
                 '(an assistant message can only come last with "prefix": true, to be continued)',
                 f"messages[{len(messages) - 1}].role",
             )
+        for value, param in ((tools, "tools"), (response_format, "response_format")):
+            if json_depth(value) > MAX_JSON_DEPTH:
+                raise RenderError(f"{param} is nested deeper than {MAX_JSON_DEPTH} levels", param)
         mc_tools = self._tools(tools)
         choice = self._tool_choice(tool_choice, mc_tools)
         fields: dict[str, Any] = {
@@ -193,6 +202,8 @@ class ChatRenderer:
             tokenized = self.tokenizer.encode_chat_completion(request)
         except (MistralCommonException, ValueError, AssertionError) as e:
             raise RenderError(ids.unmap(_describe(e)), _error_param(e)) from None
+        except RecursionError:  # a backstop: nesting is bounded above
+            raise RenderError("the request is nested too deeply to render") from None
         continuing = isinstance(last, AssistantMessage) and last.prefix
         if len(tokenized.images) != len(images.hashes):
             raise AssertionError(f"{len(tokenized.images)} encoded images for {len(images.hashes)} loaded ones")
@@ -336,20 +347,35 @@ class ChatRenderer:
 # -- helpers ----------------------------------------------------------------------------------------
 
 
+def json_depth(value: Any) -> int:
+    """Nesting depth of JSON-like data (a scalar is 0, ``{}`` 1), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 class _Images:
     """The images of one request: counted against the policy's ``max_images``, loaded, hashed in prompt order."""
 
-    def __init__(self, policy: MediaPolicy) -> None:
-        self.policy = policy
+    def __init__(self, policy: MediaPolicy, max_side: int | None = None) -> None:
+        self.policy, self.max_side = policy, max_side
         self.hashes: list[bytes] = []
+        self.pixels_left = policy.max_total_pixels  # counted on the header sizes, before decoding
 
     def load(self, url: Any, param: str) -> Image.Image:
         if len(self.hashes) >= self.policy.max_images:
             raise RenderError(f"too many images: at most {self.policy.max_images} per request", param)
         try:
-            loaded = load_image(url, self.policy)
+            loaded = load_image(url, self.policy, self.max_side, self.pixels_left)
         except MediaError as e:
             raise RenderError(e.message, e.param or param) from None
+        self.pixels_left -= loaded.source_pixels
         self.hashes.append(loaded.sha256)
         return loaded.image
 

@@ -6,14 +6,18 @@ from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
+MAX_INT32 = 2**31 - 1  # top_k and lengths: what a per-row tensor can hold, whatever the vocabulary
+# Temperatures below this sample greedily (as in vLLM): dividing logits by a denormal overflows to inf / NaN.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """What one request asks of the sampler and of the stop logic.
 
-    Mirrors the OpenAI / vLLM knobs. ``temperature == 0`` means greedy. ``logprobs`` is the number of top
-    alternatives to return beside the chosen token (None: no logprobs at all, 0: only the chosen token's).
+    Mirrors the OpenAI / vLLM knobs. ``temperature == 0`` (or below ``GREEDY_BELOW``) means greedy.
+    ``logprobs`` is the number of top alternatives to return beside the chosen token (None: no logprobs at all,
+    0: only the chosen token's).
     """
 
     n: int = 1
@@ -50,14 +54,15 @@ class SamplingParams:
     def _validate(self) -> None:
         checks = [
             (1 <= self.n <= MAX_N, "n", f"must be between 1 and {MAX_N}"),
-            (self.temperature >= 0.0, "temperature", "must be >= 0"),
+            (0.0 <= self.temperature < float("inf"), "temperature", "must be finite and >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
-            (self.top_k >= 0, "top_k", "must be -1, 0 (disabled) or positive"),
+            (0 <= self.top_k <= MAX_INT32, "top_k", f"must be -1, 0 (disabled) or in [1, {MAX_INT32}]"),
             (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
-            (self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0"),
-            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (0.0 < self.repetition_penalty < float("inf"), "repetition_penalty", "must be finite and > 0"),
+            (1 <= self.max_tokens <= MAX_INT32, "max_tokens", f"must be in [1, {MAX_INT32}]"),
+            (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in 64 bits"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]"),
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
@@ -77,4 +82,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
