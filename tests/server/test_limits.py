@@ -1,5 +1,7 @@
-"""Bad input gets an OpenAI error body with the right status; auth, size and queue limits; disconnects abort;
-an engine failure fails requests with 500 and marks /health unhealthy; SIGTERM drains and exits 0."""
+"""Bad input gets an OpenAI error body with the right status (400 at every edge: deep schemas, odd logit_bias
+keys, numbers out of range); auth, header, body and path limits; disconnects abort; a failed engine step fails
+only its own requests (500 / an error event) and the server keeps serving; SIGTERM drains and exits 0, and what
+is still running at --shutdown-timeout ends with finish_reason "abort" and [DONE]."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 def _post(server, path: str, body, headers=AUTH, **kw) -> httpx.Response:
     if isinstance(body, (dict, list)):
-        return httpx.post(f"{server.base_url}{path}", json=body, headers=headers, timeout=30, **kw)
+        body = json.dumps(body).encode()  # NaN / Infinity as Python writes them: a server must cope
     return httpx.post(
         f"{server.base_url}{path}",
         content=body,
@@ -119,30 +121,87 @@ def test_non_streaming_disconnect_aborts(server):
     assert server.ctx.engine.stats.num_running == 0
 
 
-def test_body_size_and_queue_limits(tiny_model_dir):
-    s = start_server(tiny_model_dir, "--max-body-bytes", "2000", "--max-queue", "0")
+def _deep_schema(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+DEEP_TOOLS = [{"type": "function", "function": {"name": "f", "parameters": _deep_schema(250)}}]
+DEEP_FORMAT = {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": _deep_schema(250)}}
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"tools": DEEP_TOOLS, "tool_choice": "required"}, "tools"),
+        ({"response_format": DEEP_FORMAT}, "response_format"),
+        ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),  # '²'.isdigit() is True, int('²') raises
+        ({"logit_bias": {"1" * 40: 1}}, "logit_bias"),
+        ({"top_k": 2**63}, "top_k"),
+        ({"top_k": 10**6}, "top_k"),  # above the vocabulary
+        ({"stop_token_ids": [2**40]}, "stop_token_ids"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"seed": 2**64}, "seed"),
+    ],
+)
+def test_400_not_500_at_the_edges(server, patch, param):
+    _assert_error(_post(server, "/v1/chat/completions", {**CHAT, **patch}), 400, param)
+
+
+def test_body_header_and_path_limits(tiny_model_dir):
+    s = start_server(tiny_model_dir, "--max-body-bytes", "2000", "--max-header-bytes", "8KiB")
     try:
         big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
         _assert_error(_post(s, "/v1/chat/completions", big, headers={}), 413)
-        r = _post(s, "/v1/chat/completions", CHAT, headers={})
-        _assert_error(r, 503)
-        assert r.headers["retry-after"] == "1"
+        chunked = httpx.post(  # no Content-Length: counted while read, still 413 (FastAPI would say 400)
+            f"{s.base_url}/v1/chat/completions",
+            content=iter([json.dumps(big).encode()[i : i + 500] for i in range(0, 5100, 500)]),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        _assert_error(chunked, 413)
+        r = httpx.get(f"{s.base_url}/v1/models", headers={"x-pad": "a" * 100_000}, timeout=30)
+        assert r.status_code in (400, 431), r.text  # h11's head cap (400) or ours (431): refused either way
+        assert httpx.get(f"{s.base_url}/v1/models", headers={"x-pad": "a" * 4000}, timeout=30).status_code == 200
+        r = httpx.get(f"{s.base_url}/v1/models/", headers={"host": "evil.example"}, timeout=30)
+        assert r.status_code == 404 and "location" not in r.headers
+        _assert_error(r, 404)
     finally:
         s.stop()
 
 
-def test_engine_failure_is_500_and_unhealthy(tiny_model_dir):
+def _marked_runner(ctx, marker: int):
+    """Fault injection through the real step: the runner raises when a scheduled sequence's prompt holds
+    ``marker``, as a device fault on that batch would."""
+    runner = ctx.engine.engine.runner
+    real = runner.execute
+
+    def execute(plan):
+        if any(marker in item.request.prompt_token_ids for item in plan.scheduled):
+            raise RuntimeError("injected fault")
+        return real(plan)
+
+    runner.execute = execute
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_keeps_serving(tiny_model_dir):
     s = start_server(tiny_model_dir)
     try:
-        runner = s.ctx.engine.engine.runner
-
-        def broken(plan):
-            raise RuntimeError("simulated device failure")
-
-        runner.execute = broken
-        _assert_error(_post(s, "/v1/chat/completions", CHAT, headers={}), 500)
-        assert httpx.get(f"{s.base_url}/health", timeout=10).status_code == 503
-        _assert_error(_post(s, "/v1/chat/completions", CHAT, headers={}), 503)
+        _marked_runner(s.ctx, 2999)
+        bad = {"model": "tiny", "prompt": [1, 2999, 7], "max_tokens": 4}
+        err = _assert_error(_post(s, "/v1/completions", bad, headers={}), 500)
+        assert err["code"] == "engine_error"
+        with httpx.stream("POST", f"{s.base_url}/v1/completions", json={**bad, "stream": True}, timeout=30) as r:
+            assert r.status_code == 200
+            events = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+        assert "error" in json.loads(events[-2]) and events[-1] == "[DONE]"
+        assert httpx.get(f"{s.base_url}/health", timeout=10).status_code == 200
+        ok = _post(s, "/v1/completions", {**bad, "prompt": [1, 5, 7]}, headers={})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+        engine = s.ctx.engine.engine
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     finally:
         s.stop()
 
@@ -186,6 +245,36 @@ def test_sigterm_finishes_in_flight_and_exits_zero(tiny_model_dir):
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_past_the_shutdown_timeout_ends_streams_with_abort_and_done(tiny_model_dir):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "small4.cli", "serve", str(tiny_model_dir), "--port", str(port)]
+        + ["--block-size", "4", "--kv-cache-memory", "8MiB", "--enforce-eager", "--shutdown-timeout", "1"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base)
+        body = {"prompt": "x", "max_tokens": 3000, "stream": True, "ignore_eos": True}
+        events = []
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line[5:].strip())
+                    if len(events) == 2:
+                        sent = time.monotonic()
+                        proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+        assert time.monotonic() - sent < 20
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
