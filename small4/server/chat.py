@@ -64,7 +64,10 @@ class ChatHandler:
             max_tokens = self.ctx.resolve_max_tokens(prompt_len, body.requested_max_tokens)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             # control tokens ([THINK], [TOOL_CALLS], ...) stay in the text for the output parser; other specials never
-            params = body.sampling_params(max_tokens, logprobs, self.control_token_ids)
+            try:
+                params = body.sampling_params(max_tokens, logprobs, self.control_token_ids)
+            except ValueError as e:  # the engine's own validation: a backstop behind protocol.py
+                raise APIError(400, str(e)) from e
             compiled = await self.ctx.run_blocking(self._grammar, body, rendered, size=size)
             mask = None if compiled is None else self._mask_factory(compiled)
             rid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -74,7 +74,10 @@ class CompletionHandler:
             prompts = await self.ctx.run_blocking(self._prompt_ids, texts, size=size)
             longest = max(len(p) for p in prompts)
             max_tokens = self.ctx.resolve_max_tokens(longest, body.max_tokens)
-            params = body.sampling_params(max_tokens, body.logprobs)
+            try:
+                params = body.sampling_params(max_tokens, body.logprobs)
+            except ValueError as e:  # the engine's own validation: a backstop behind protocol.py
+                raise APIError(400, str(e)) from e
             rid = f"cmpl-{uuid.uuid4().hex}"
             streams = []
             try:

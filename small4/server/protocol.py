@@ -183,6 +183,13 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _few_prompts(cls, v: str | list[Any]) -> str | list[Any]:
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> CompletionRequest:
         if self.suffix:
@@ -191,8 +198,6 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("best_of must equal n (server-side reranking is not supported)")
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
             raise ValueError("prompt must not be empty")
-        if isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list)) and len(self.prompt) > MAX_PROMPTS:
-            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return self
 
     def prompts(self) -> list[str | list[int]]:
