@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from mistral_common.protocol.instruct.tool_calls import NamedToolChoice, ToolCho
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
+from small4.chat.media import MediaPolicy
 from small4.chat.render import ChatRenderer, RenderedPrompt, RenderError, new_tool_call_id
 from small4.tokenizer import Tokenizer
 from small4.weights.tekken_tiny import write_tiny_tekken
@@ -442,3 +445,67 @@ def test_arbitrary_json_only_raises_render_error(renderer: ChatRenderer, message
         renderer.render(messages, tools=tools, tool_choice=tool_choice)
     except RenderError:
         pass
+
+
+def _image_request(*urls: str) -> list[dict]:
+    parts = [{"type": "text", "text": "look"}] + [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": parts}]
+
+
+def _data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "fmt"),
+    [("RGB", (3001, 1777), "PNG"), ("1", (1777, 3001), "PNG"), ("P", (4000, 37), "PNG"), ("RGB", (2500, 1600), "JPEG")],
+)
+def test_large_images_are_shrunk_before_mistral_common_with_the_same_token_grid(
+    tokenizer: Tokenizer, mode: str, size: tuple[int, int], fmt: str
+) -> None:
+    """The renderer shrinks an image larger than the model takes while it is still 8-bit PIL; mistral-common then
+    sees an image that already fits, so the prompt (its [IMG] grid) is exactly the one the full image gets."""
+    image = Image.radial_gradient("L").resize(size).convert(mode)
+    url = _data_url(image, fmt)
+    shrinking = ChatRenderer(tokenizer.mistral)
+    full = ChatRenderer(tokenizer.mistral)
+    full._max_image_side = None  # the old path: the full-size image handed to mistral-common
+    small, big = shrinking.render(_image_request(url)), full.render(_image_request(url))
+    assert small.token_ids == big.token_ids
+    assert small.images[0].shape == big.images[0].shape
+    assert max(small.images[0].shape[1:]) <= shrinking._max_image_side
+
+
+def test_pixels_are_budgeted_per_request(tokenizer: Tokenizer) -> None:
+    renderer = ChatRenderer(tokenizer.mistral, media_policy=MediaPolicy(max_pixels=4000, max_total_pixels=5000))
+    url = png_data_url((60, 40))  # 2400 pixels
+    assert len(renderer.render(_image_request(url, url)).images) == 2
+    with pytest.raises(RenderError, match="pixels in all"):
+        renderer.render(_image_request(url, url, url))
+
+
+def test_a_huge_one_bit_png_costs_little_memory(tmp_path: Path) -> None:
+    """The 6000x6000 1-bit PNG (16 KB on the wire, under the default pixel cap) once raised peak RSS by ~0.8-2.9 GB
+    through mistral-common's full-size float conversion; shrunk first, it stays far below that."""
+    tekken = tmp_path / "tekken.json"
+    write_tiny_tekken(tekken)
+    script = f"""
+import base64, io, resource
+from PIL import Image
+from small4.chat.render import ChatRenderer
+from small4.tokenizer import Tokenizer
+renderer = ChatRenderer(Tokenizer.from_file({str(tekken)!r}).mistral)
+buf = io.BytesIO()
+Image.new("1", (6000, 6000), 1).save(buf, format="PNG")
+url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+del buf
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+parts = [{{"type": "image_url", "image_url": {{"url": url}}}}]
+renderer.render([{{"role": "user", "content": parts}}])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    peak_mib = int(done.stdout.strip().splitlines()[-1])
+    assert peak_mib < 250, peak_mib
