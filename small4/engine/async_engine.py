@@ -9,6 +9,11 @@ an inbox the event loop never waits on the engine. The inbox is a ``queue.Simple
 reentrant, so an abort may be queued from a garbage-collection finaliser, and its FIFO order means an abort
 followed by a new request with the same id can never be applied in the wrong order.
 
+A step that raises fails only the requests it held (the engine has already aborted them): their streams raise
+``RequestFailedError`` and the loop keeps stepping for everyone else. Only ``MAX_CONSECUTIVE_STEP_FAILURES``
+failed steps in a row (a device that is really gone) kill the loop; then every stream and every later ``add``
+raises ``EngineDeadError``.
+
 State is split by thread. Engine thread: the engine, the inbox's consuming end, the counters behind
 ``EngineStats``. Event loop: the registry of request streams and their ``asyncio.Queue``s, the futures that
 ``add`` awaits. Nothing else is shared except the immutable ``EngineStats`` snapshot (swapped whole, so

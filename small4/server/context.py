@@ -148,7 +148,9 @@ class ServerContext:
     async def run_blocking(self, fn: Callable[..., T], *args: object, size: int = 0) -> T:
         """Runs blocking request work (rendering, image decoding, tokenizing, grammar compiles) in a bounded pool,
         never asyncio's default executor: requests up to ``small_request_chars`` in their own lane, so large ones
-        cannot starve them. The time limit covers queueing too (a queued call is cancelled); 503 past it."""
+        cannot starve them. The time limit covers queueing too (a queued call is cancelled); 503 past it. A call
+        already running cannot be killed: it finishes in the background, holding its worker, so a lane stays
+        bounded either way."""
         lane = "small" if size <= self.limits.small_request_chars else "large"
         future = asyncio.get_running_loop().run_in_executor(self._pools[lane], fn, *args)
         try:
