@@ -12,13 +12,14 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from small4.chat.media import (
     LoadedImage,
@@ -177,7 +178,15 @@ def test_parse_allowed_domains() -> None:
 
 
 @pytest.mark.parametrize(
-    "field", [{"max_images": 0}, {"max_image_bytes": 0}, {"max_pixels": -1}, {"fetch_timeout_s": 0}]
+    "field",
+    [
+        {"max_images": 0},
+        {"max_image_bytes": 0},
+        {"max_pixels": -1},
+        {"fetch_timeout_s": 0},
+        {"max_total_pixels": 0},
+        {"max_concurrent_decodes": 0},
+    ],
 )
 def test_policy_validates_itself(field: dict) -> None:
     with pytest.raises(ValueError):
@@ -552,3 +561,42 @@ def test_render_remote_image(tokenizer: Tokenizer, server: str) -> None:
     inline = ChatRenderer(tokenizer.mistral).render([{"role": "user", "content": [image_part(data_url(PNG))]}])
     assert remote.token_ids == inline.token_ids
     assert remote.image_hashes == inline.image_hashes == [hashlib.sha256(PNG).digest()]
+
+
+@pytest.mark.parametrize(("cap", "most"), [(2, 2), (5, 5)])
+def test_concurrent_decodes_are_capped_per_process(monkeypatch, cap: int, most: int) -> None:
+    """The real PNG decoder, slowed down and counted: at most ``max_concurrent_decodes`` run at once (and with
+    a larger cap more do, so the count can see concurrency)."""
+    active, peak, lock = 0, 0, threading.Lock()
+    real_load = PngImagePlugin.PngImageFile.load
+
+    def counted_load(self):
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        try:
+            time.sleep(0.1)
+            return real_load(self)
+        finally:
+            with lock:
+                active -= 1
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", counted_load)
+    policy = MediaPolicy(max_concurrent_decodes=cap)
+    with ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(lambda _: load_image(data_url(PNG), policy).image.size, range(8)))
+    assert sizes == [(60, 40)] * 8
+    assert peak == most
+
+
+def test_large_images_come_back_shrunk_to_max_side() -> None:
+    jpeg = encode(Image.new("RGB", (4000, 3000), "green"), "JPEG")
+    loaded = load_image(data_url(jpeg, "image/jpeg"), DEFAULT, max_side=1000)
+    assert loaded.image.size == (1000, 750) and loaded.source_pixels == 12_000_000
+    one_bit = encode(Image.new("1", (3000, 100), 1), "PNG")
+    shrunk = load_image(data_url(one_bit), DEFAULT, max_side=1500).image
+    assert shrunk.size == (1500, 50) and shrunk.mode == "L"
+    assert load_image(data_url(PNG), DEFAULT, max_side=1000).image.size == (60, 40)  # fits: untouched
+    with pytest.raises(MediaError, match="in all"):
+        load_image(data_url(jpeg, "image/jpeg"), DEFAULT, max_side=1000, pixel_budget=11_999_999)
