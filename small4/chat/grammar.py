@@ -61,6 +61,9 @@ _JSON_OBJECT = JsonSchema(name="json_object", schema={"type": "object"}, strict=
 _OPENAI_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
 _JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
 _MAX_ERROR_CHARS = 500
+# minItems / maxItems above this are refused: llguidance unrolls them (maxItems 1e5 overflows its symbol table,
+# 2**31 compiles for minutes, holding a compile worker long after the request timed out). 4096 compiles in 0.1 s.
+MAX_SCHEMA_ITEMS = 4096
 
 
 class GrammarError(ValueError):
@@ -107,6 +110,21 @@ def response_format_from_openai(response_format: Mapping[str, Any] | None) -> Re
     except (ValidationError, ValueError) as e:
         raise GrammarError(f"invalid JSON schema in response_format: {_first_error(e)}") from e
     return ResponseFormat(type=ResponseFormats.json_schema, json_schema=json_schema)
+
+
+def _check_item_counts(schema: Any, where: str) -> None:
+    """``GrammarError`` for an array bound the grammar compiler cannot afford (see ``MAX_SCHEMA_ITEMS``)."""
+    stack = [schema]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key in ("minItems", "maxItems"):
+                value = item.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_SCHEMA_ITEMS:
+                    raise GrammarError(f"{where}: {key} above {MAX_SCHEMA_ITEMS} is not supported")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _reject_unknown_keys(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -263,6 +281,10 @@ class GrammarCompiler:
             request = request.model_copy(
                 update={"response_format": ResponseFormat(type=ResponseFormats.json_schema, json_schema=_JSON_OBJECT)}
             )
+        for tool in request.tools or []:
+            _check_item_counts(tool.function.parameters, "tools")
+        if request.response_format.json_schema is not None:
+            _check_item_counts(request.response_format.json_schema.custom_schema, "response_format")
         if reasoning is None:
             reasoning = request.reasoning_effort not in (None, ReasoningEffort.none)
         template = self._think_template if reasoning else self._plain_template

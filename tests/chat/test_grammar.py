@@ -229,6 +229,24 @@ def test_uncompilable_schemas_raise_grammar_error(compiler, schema):
         compiler.matcher(grammar)
 
 
+@pytest.mark.parametrize("where", ["tools", "response_format"])
+def test_array_bounds_the_compiler_cannot_afford_are_refused_before_compiling(compiler, where):
+    """maxItems 2**31 once compiled for minutes, holding a compile worker: refused at once; 4096 still compiles."""
+
+    def request(count: int) -> ChatCompletionRequest:
+        schema = {"type": "object", "properties": {"a": {"type": "array", "maxItems": count}}, "required": ["a"]}
+        if where == "tools":
+            return _request(tools=[Tool(function=Function(name="f", parameters=schema))], tool_choice="required")
+        rf = response_format_from_openai({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        return _request(response_format=rf)
+
+    start = time.monotonic()
+    with pytest.raises(GrammarError, match="maxItems above 4096"):
+        compiler.grammar_for(request(2**31))
+    assert time.monotonic() - start < 1
+    compiler.matcher(compiler.grammar_for(request(4096)))
+
+
 # ---- compiling and caching ----------------------------------------------------------------------------------
 def _schema_grammar(compiler, n: int) -> str:
     schema = {"type": "object", "properties": {f"k{n}": {"type": "integer"}}, "required": [f"k{n}"]}

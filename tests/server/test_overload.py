@@ -138,12 +138,27 @@ SAMPLING = [
     "logit_bias.5", "logit_bias.<key>", "stop_token_ids.0", "stream_options.include_usage",
 ]  # fmt: skip
 CHAT_FIELDS = [*SAMPLING, "max_completion_tokens", "top_logprobs", "logprobs", "messages.0.content", "tools"]
+CHAT_FIELDS += ["tool_choice", "response_format", "reasoning_effort", "parallel_tool_calls", "metadata.k"]
+CHAT_FIELDS += ["schema.minimum", "schema.maxLength", "schema.maxItems", "tool.maxItems"]  # numbers in grammars
 COMPLETION_FIELDS = [*SAMPLING, "logprobs", "best_of", "echo", "prompt", "prompt.0", "prompt.0.0"]
+
+
+def _schema(keyword: str, value) -> dict:
+    kind = {"minimum": "integer", "maxLength": "string", "maxItems": "array"}[keyword]
+    return {"type": "object", "properties": {"a": {"type": kind, keyword: value}}, "required": ["a"]}
 
 
 def _with(body: dict, field: str, value) -> dict:
     head, _, rest = field.partition(".")
-    if head == "logit_bias" and rest == "<key>":
+    if head == "schema":
+        spec = {"name": "out", "strict": True, "schema": _schema(rest, value)}
+        body["response_format"] = {"type": "json_schema", "json_schema": spec}
+    elif head == "tool":
+        body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": _schema(rest, value)}}]
+        body["tool_choice"] = "required"
+    elif head == "metadata":
+        body["metadata"] = {rest: value}
+    elif head == "logit_bias" and rest == "<key>":
         body["logit_bias"] = {str(value): 1}
     elif head in ("logit_bias", "stream_options"):
         body[head] = {rest: value}
