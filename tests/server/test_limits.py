@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from conftest import free_port, start_server, wait_healthy
+from small4.engine.async_engine import MAX_CONSECUTIVE_STEP_FAILURES
 
 AUTH = {"Authorization": "Bearer test-key"}
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -202,6 +203,19 @@ def test_a_failed_step_fails_its_requests_and_the_server_keeps_serving(tiny_mode
         assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
         engine = s.ctx.engine.engine
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    finally:
+        s.stop()
+
+
+def test_steps_that_keep_failing_mark_the_server_unhealthy(tiny_model_dir):
+    s = start_server(tiny_model_dir)
+    try:
+        _marked_runner(s.ctx, 1)  # every prompt starts with BOS (1): the device is gone
+        for _ in range(MAX_CONSECUTIVE_STEP_FAILURES):
+            _assert_error(_post(s, "/v1/completions", {"prompt": [1, 5], "max_tokens": 2}, headers={}), 500)
+        assert httpx.get(f"{s.base_url}/health", timeout=10).status_code == 503
+        err = _assert_error(_post(s, "/v1/completions", {"prompt": [1, 5], "max_tokens": 2}, headers={}), 503)
+        assert err["code"] == "engine_unhealthy"
     finally:
         s.stop()
 
