@@ -25,7 +25,7 @@ from small4.engine.engine import TokenMaskFactory
 from small4.engine.multimodal import ImageInput
 from small4.engine.sampler import TokenLogprobs
 from small4.engine.token_mask import token_mask_provider
-from small4.server.context import ServerContext
+from small4.server.context import ServerContext, Ticket, hold_until_done
 from small4.server.errors import APIError
 from small4.server.protocol import ChatCompletionRequest
 from small4.server.streaming import sse, sse_response_body, timed_outputs, until_disconnect
@@ -55,40 +55,36 @@ class ChatHandler:
         chars, has_images = _text_size(body)
         self.ctx.check_prompt_chars(chars, "messages")
         ticket = self.ctx.admit(body.n)  # at arrival, before any rendering: the cap holds under a burst
-        streaming = False
-        try:
-            # rendering may fetch and decode images, then the grammar compiles: both in the bounded render pool
-            size = self.ctx.limits.small_request_chars + 1 if has_images else chars
-            rendered = await self.ctx.run_blocking(self._render, body, size=size)
-            prompt_len = len(rendered.token_ids)
-            max_tokens = self.ctx.resolve_max_tokens(prompt_len, body.requested_max_tokens)
-            logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            # control tokens ([THINK], [TOOL_CALLS], ...) stay in the text for the output parser; other specials never
-            try:
-                params = body.sampling_params(max_tokens, logprobs, self.control_token_ids)
-            except ValueError as e:  # the engine's own validation: a backstop behind protocol.py
-                raise APIError(400, str(e)) from e
-            compiled = await self.ctx.run_blocking(self._grammar, body, rendered, size=size)
-            mask = None if compiled is None else self._mask_factory(compiled)
-            rid = f"chatcmpl-{uuid.uuid4().hex}"
-            stream = await self.ctx.add(
-                rid, rendered.token_ids, params, token_mask_factory=mask, images=_image_inputs(rendered)
-            )
-            tools = bool(body.tools) and body.tool_choice != "none"
-            choices = [_Choice(i, OutputParser(reasoning=rendered.reasoning, tools=tools)) for i in range(body.n)]
-            created = int(time.time())
-            if body.stream:
-                chunks = self._stream(body, rid, created, stream, choices, prompt_len)
-                body_iter = sse_response_body(chunks, self.ctx.metrics, ENDPOINT, ticket)
-                streaming = True
-                return StreamingResponse(body_iter, media_type="text/event-stream")
-            done = await until_disconnect(request, self._collect(stream, choices))
-            if done is None:
-                return JSONResponse({}, status_code=499)
-            return JSONResponse(self._final(body, rid, created, choices, prompt_len))
-        finally:
-            if not streaming:
-                ticket.release()
+        # rendering may fetch and decode images, then the grammar compiles: both in the bounded render lanes
+        size = self.ctx.limits.small_request_chars + 1 if has_images else chars
+        return await hold_until_done(ticket, self._respond(body, request, ticket, size))
+
+    async def _respond(
+        self, body: ChatCompletionRequest, request: Request, ticket: Ticket, size: int
+    ) -> JSONResponse | StreamingResponse:
+        rendered = await self.ctx.run_blocking(self._render, body, size=size)
+        prompt_len = len(rendered.token_ids)
+        max_tokens = self.ctx.resolve_max_tokens(prompt_len, body.requested_max_tokens)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        # control tokens ([THINK], [TOOL_CALLS], ...) stay in the text for the output parser; other specials never
+        params = self.ctx.sampling_params(body, max_tokens, logprobs, self.control_token_ids)
+        compiled = await self.ctx.run_blocking(self._grammar, body, rendered, size=size)
+        mask = None if compiled is None else self._mask_factory(compiled)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await self.ctx.add(
+            rid, rendered.token_ids, params, token_mask_factory=mask, images=_image_inputs(rendered)
+        )
+        tools = bool(body.tools) and body.tool_choice != "none"
+        choices = [_Choice(i, OutputParser(reasoning=rendered.reasoning, tools=tools)) for i in range(body.n)]
+        created = int(time.time())
+        if body.stream:
+            chunks = self._stream(body, rid, created, stream, choices, prompt_len)
+            body_iter = sse_response_body(chunks, self.ctx.metrics, ENDPOINT, ticket)
+            return StreamingResponse(body_iter, media_type="text/event-stream")
+        done = await until_disconnect(request, self._collect(stream, choices))
+        if done is None:
+            return JSONResponse({}, status_code=499)
+        return JSONResponse(self._final(body, rid, created, choices, prompt_len))
 
     def _render(self, body: ChatCompletionRequest) -> RenderedPrompt:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
 from small4.engine.sampler import TokenLogprobs
-from small4.server.context import ServerContext
+from small4.server.context import ServerContext, Ticket, hold_until_done
 from small4.server.errors import APIError
 from small4.server.protocol import CompletionRequest
 from small4.server.streaming import sse, sse_response_body, timed_outputs, until_disconnect
@@ -68,41 +68,36 @@ class CompletionHandler:
         for text in texts:
             self.ctx.check_prompt_chars(len(text) if isinstance(text, str) else 0, "prompt")
         ticket = self.ctx.admit(len(texts) * body.n)  # sequences, at arrival, before tokenizing
-        streaming = False
+        return await hold_until_done(ticket, self._respond(body, request, ticket, texts))
+
+    async def _respond(
+        self, body: CompletionRequest, request: Request, ticket: Ticket, texts: list[str | list[int]]
+    ) -> JSONResponse | StreamingResponse:
+        size = sum(len(t) for t in texts if isinstance(t, str))
+        prompts = await self.ctx.run_blocking(self._prompt_ids, texts, size=size)
+        max_tokens = self.ctx.resolve_max_tokens(max(len(p) for p in prompts), body.max_tokens)
+        params = self.ctx.sampling_params(body, max_tokens, body.logprobs)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        streams = []
         try:
-            size = sum(len(t) for t in texts if isinstance(t, str))
-            prompts = await self.ctx.run_blocking(self._prompt_ids, texts, size=size)
-            longest = max(len(p) for p in prompts)
-            max_tokens = self.ctx.resolve_max_tokens(longest, body.max_tokens)
-            try:
-                params = body.sampling_params(max_tokens, body.logprobs)
-            except ValueError as e:  # the engine's own validation: a backstop behind protocol.py
-                raise APIError(400, str(e)) from e
-            rid = f"cmpl-{uuid.uuid4().hex}"
-            streams = []
-            try:
-                for i, ids in enumerate(prompts):
-                    streams.append(await self.ctx.add(f"{rid}-{i}", ids, params))
-            except BaseException:
-                for s in streams:
-                    await s.aclose()
-                raise
-            created = int(time.time())
-            echo = [self.ctx.tokenizer.decode(p) if body.echo else "" for p in prompts]
-            choices = [_Choice(i * body.n + k, echo[i]) for i in range(len(prompts)) for k in range(body.n)]
-            usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
-            if body.stream:
-                gen = self._stream(body, rid, created, streams, choices, usage)
-                body_iter = sse_response_body(gen, self.ctx.metrics, ENDPOINT, ticket)
-                streaming = True
-                return StreamingResponse(body_iter, media_type="text/event-stream")
-            result = await until_disconnect(request, self._collect(streams, choices, usage, body.n))
-            if result is None:
-                return JSONResponse({}, status_code=499)
-            return JSONResponse(self._final(body, rid, created, choices, usage))
-        finally:
-            if not streaming:
-                ticket.release()
+            for i, ids in enumerate(prompts):
+                streams.append(await self.ctx.add(f"{rid}-{i}", ids, params))
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
+        created = int(time.time())
+        echo = [self.ctx.tokenizer.decode(p) if body.echo else "" for p in prompts]
+        choices = [_Choice(i * body.n + k, echo[i]) for i in range(len(prompts)) for k in range(body.n)]
+        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
+        if body.stream:
+            gen = self._stream(body, rid, created, streams, choices, usage)
+            body_iter = sse_response_body(gen, self.ctx.metrics, ENDPOINT, ticket)
+            return StreamingResponse(body_iter, media_type="text/event-stream")
+        result = await until_disconnect(request, self._collect(streams, choices, usage, body.n))
+        if result is None:
+            return JSONResponse({}, status_code=499)
+        return JSONResponse(self._final(body, rid, created, choices, usage))
 
     async def _collect(self, streams, choices: list[_Choice], usage: dict[str, int], n: int) -> bool:
         for p, stream in enumerate(streams):

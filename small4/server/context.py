@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
+
+from starlette.responses import Response, StreamingResponse
 
 from small4.chat.media import MediaPolicy
 from small4.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
@@ -18,6 +20,7 @@ from small4.engine.multimodal import ImageInput
 from small4.engine.sampling_params import SamplingParams
 from small4.server.errors import APIError
 from small4.server.metrics import ServerMetrics
+from small4.server.protocol import ChatCompletionRequest, CompletionRequest
 from small4.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -72,6 +75,19 @@ class Ticket:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.release()
+
+
+async def hold_until_done(ticket: Ticket, respond: Awaitable[Response]) -> Response:
+    """Awaits a handler's response holding the admission ticket: given back when the response is complete, or,
+    for a streaming response, handed to its body (``sse_response_body``), which gives it back at the end."""
+    try:
+        response = await respond
+    except BaseException:
+        ticket.release()
+        raise
+    if not isinstance(response, StreamingResponse):
+        ticket.release()
+    return response
 
 
 class ServerContext:
@@ -131,6 +147,19 @@ class ServerContext:
                 bad, rule = [v for v in values if not 0 <= v < vocab], f"token ids must be in [0, {vocab})"
             if bad:
                 raise APIError(400, f"{name}: {rule}, got {bad[0]}", name)
+
+    @staticmethod
+    def sampling_params(
+        body: ChatCompletionRequest | CompletionRequest,
+        max_tokens: int,
+        logprobs: int | None,
+        kept_special_token_ids: tuple[int, ...] = (),
+    ) -> SamplingParams:
+        """The request's ``SamplingParams``; their own validation, a backstop behind protocol.py, is a 400 too."""
+        try:
+            return body.sampling_params(max_tokens, logprobs, kept_special_token_ids)
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
 
     def check_prompt_chars(self, num_chars: int, param: str) -> None:
         """Refuses, before any tokenizing, text that cannot fit: every token covers at most ``max_token_chars``
