@@ -2,7 +2,8 @@
 
 `server/` only talks to `async_engine` and `chat/` (DESIGN.md): the app owns one AsyncEngine for its lifetime,
 starts it with the app and drains it on shutdown (SIGTERM: uvicorn stops accepting, in-flight requests finish,
-then the engine thread is joined and the process exits 0).
+those still running at --shutdown-timeout end with finish_reason "abort" (serve.GracefulServer), then the engine
+thread is joined and the process exits 0).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ output into content / reasoning_content / tool_calls, answer as JSON or as SSE d
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -55,8 +56,9 @@ class ChatHandler:
         chars, has_images = _text_size(body)
         self.ctx.check_prompt_chars(chars, "messages")
         ticket = self.ctx.admit(body.n)  # at arrival, before any rendering: the cap holds under a burst
-        # rendering may fetch and decode images, then the grammar compiles: both in the bounded render lanes
-        size = self.ctx.limits.small_request_chars + 1 if has_images else chars
+        # rendering may fetch and decode images, then the grammar compiles: both in the bounded render lanes, by size
+        size = chars + _json_size(body.tools, body.response_format)
+        size = self.ctx.limits.small_request_chars + 1 if has_images else size
         return await hold_until_done(ticket, self._respond(body, request, ticket, size))
 
     async def _respond(
@@ -250,6 +252,11 @@ def _text_size(body: ChatCompletionRequest) -> tuple[int, bool]:
                 chars += len(text) if isinstance(text, str) else 0
                 images |= part.get("type") == "image_url"
     return chars, images
+
+
+def _json_size(*values: Any) -> int:
+    """Characters of the tools and response_format as compact JSON: they are rendered and compiled too."""
+    return sum(len(json.dumps(v, separators=(",", ":"))) for v in values if v is not None)
 
 
 def _image_inputs(rendered: RenderedPrompt) -> list[ImageInput] | None:
