@@ -55,7 +55,15 @@ from mistral_common.protocol.instruct.tool_calls import NamedToolChoice, ToolCho
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from pydantic import ValidationError
 
-_JSON_OBJECT = JsonSchema(name="json_object", schema={"type": "object"}, strict=True)
+# fixed whitespace, as _compact gives the client's schemas: JSON mode must not pad forever either
+_JSON_OBJECT = JsonSchema(
+    name="json_object",
+    schema={
+        "type": "object",
+        "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+    },
+    strict=True,
+)
 _OPENAI_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
 _JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
 _MAX_ERROR_CHARS = 500
@@ -259,6 +267,26 @@ class GrammarCompiler:
             request = request.model_copy(
                 update={"response_format": ResponseFormat(type=ResponseFormats.json_schema, json_schema=_JSON_OBJECT)}
             )
+        if reasoning is None:
+            reasoning = request.reasoning_effort not in (None, ReasoningEffort.none)
+        template = self._think_template if reasoning else self._plain_template
+        try:
+            return self._factory.get_grammar_for_chat_request(request, template)
+        except (InvalidRequestException, ValueError) as e:
+            raise GrammarError(str(e)) from e
+
+    def auto_tools_grammar(self, request: ChatCompletionRequest, reasoning: bool | None = None) -> str | None:
+        """``tool_choice`` "auto" with tools and a text answer: mistral-common's auto grammar, ``content |
+        content? fcalls`` (``think?`` first with reasoning on). Content is free text, which can never spell a
+        special token, so the constraint only bites once the model emits ``[TOOL_CALLS]``: from there the name is
+        one of the offered tools and the arguments follow its schema (pass the request through
+        ``enforce_schemas``). This is the triggered tool grammar: without it a weak or confused model may name a
+        tool that was never offered or write arguments of another tool. None when the request is not of that
+        kind (no tools, another tool_choice, a JSON response format: ``grammar_for`` covers those)."""
+        if not request.tools or request.tool_choice != ToolChoiceEnum.auto:
+            return None
+        if request.response_format.type != ResponseFormats.text:
+            return None
         if reasoning is None:
             reasoning = request.reasoning_effort not in (None, ReasoningEffort.none)
         template = self._think_template if reasoning else self._plain_template

@@ -163,7 +163,7 @@ def test_tool_choice(renderer: ChatRenderer, tokenizer: Tokenizer, choice, expec
 @pytest.mark.parametrize(
     ("tools", "choice", "match"),
     [
-        ([WEATHER], "any", "tool_choice must be one of 'auto', 'none', 'required'"),
+        ([WEATHER], "sometimes", "tool_choice must be one of 'auto', 'none', 'required', 'any'"),
         ([WEATHER], {"type": "function", "function": {"name": "get_time"}}, "not among the tools"),
         (None, "required", "needs tools"),
         ([WEATHER], {"type": "function"}, "named tool_choice"),
