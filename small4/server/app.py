@@ -20,6 +20,7 @@ from small4.server.completions import CompletionHandler
 from small4.server.context import ServerContext
 from small4.server.errors import install_error_handlers
 from small4.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from small4.server.models import model_card
 from small4.server.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,7 @@ def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        card = {
-            "id": ctx.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "small4",
-            "max_model_len": ctx.limits.max_model_len,
-        }
+        card = model_card(ctx, chat.renderer.reasoning_efforts)
         return JSONResponse({"object": "list", "data": [card]})
 
     @app.get("/metrics")
