@@ -22,6 +22,7 @@ from small4.server.errors import install_error_handlers
 from small4.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from small4.server.models import model_card
 from small4.server.protocol import ChatCompletionRequest, CompletionRequest
+from small4.server.tokenize import DetokenizeRequest, TokenizeHandler, TokenizeRequest
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,16 @@ def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
     @app.post("/v1/completions")
     async def text_completions(body: CompletionRequest, request: Request) -> Response:
         return await completions(body, request)
+
+    tokens = TokenizeHandler(ctx, chat.renderer)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        return JSONResponse(await tokens.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        return JSONResponse(await tokens.detokenize(body))
 
     # outermost first: the size cap runs before auth reads nothing but headers anyway
     app.add_middleware(APIKeyMiddleware, api_key=options.api_key)
