@@ -37,6 +37,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "float32", "fp8"], default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling of requests that give no seed")
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before answering 503")
     p.add_argument("--max-body-bytes", type=parse_bytes, default=32 * 1024 * 1024)
     p.add_argument("--shutdown-timeout", type=float, default=30.0)
@@ -64,6 +65,7 @@ def build_from_args(args: argparse.Namespace):
         device=args.device,
         kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
+        seed=args.seed,
     )
     engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
     name = args.served_model_name or ("small4-tiny" if not args.model else model_dir.name)
