@@ -1,6 +1,8 @@
-"""The official mistralai SDK, unmodified, against a real small4 server (the shipped demo model) on loopback: the
-Mistral dialect (chat/dialect.py) end to end: complete, stream, random_seed, tool_choice "any", reasoning as
-thinking chunks, prefix continuation, safe_prompt and prompt_mode, /v1/models capabilities."""
+"""Both chat dialects (chat/dialect.py) with the official clients, unmodified, against a real small4 server (the
+shipped demo model) on loopback. The mistralai SDK: complete, stream, random_seed, tool_choice "any", reasoning as
+thinking chunks, prefix continuation, safe_prompt and prompt_mode, /v1/models capabilities. The openai SDK:
+reasoning_content with its reasoning alias, usage details, max_completion_tokens, parallel_tool_calls, tool names
+held to the offered tools under tool_choice auto, streaming in every mode."""
 
 from __future__ import annotations
 
@@ -145,3 +147,112 @@ def test_models_list_capabilities(demo, client):
     assert card.max_context_length == demo.ctx.limits.max_model_len
     raw = httpx.get(f"{demo.base_url}/v1/models").json()["data"][0]
     assert raw["object"] == "model" and raw["max_model_len"] == card.max_context_length  # OpenAI/vLLM fields too
+
+
+# ---- the OpenAI dialect -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def openai_client(demo):
+    return demo.client()
+
+
+def _ask(client, text: str, **kw):
+    return client.chat.completions.create(model="tiny", messages=_user(text), temperature=0, **kw)
+
+
+def test_openai_reasoning_fields_and_usage_details(openai_client):
+    high = _ask(openai_client, "What is 12 + 7?", reasoning_effort="high", max_tokens=64)
+    message = high.choices[0].message
+    assert message.reasoning_content.startswith("Units:") and message.reasoning == message.reasoning_content
+    assert 0 < high.usage.completion_tokens_details.reasoning_tokens < high.usage.completion_tokens
+    none = _ask(openai_client, "What is 12 + 7?", reasoning_effort="none", max_tokens=64)
+    assert none.usage.completion_tokens_details.reasoning_tokens == 0
+    # the same prompt again: its full blocks come from the prefix cache
+    again = _ask(openai_client, "What is 12 + 7?", reasoning_effort="none", max_tokens=64)
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+    assert again.choices[0].message.content == none.choices[0].message.content
+
+
+def test_max_completion_tokens(openai_client):
+    r = _ask(openai_client, "What is 12 + 7?", reasoning_effort="high", max_completion_tokens=3)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def _tool_calls_bias(demo, extra: dict[int, float] | None = None) -> dict[str, float]:
+    """A logit bias that makes the model open tool calls wherever the grammar lets it."""
+    tool_calls = demo.ctx.tokenizer.special_id("[TOOL_CALLS]")
+    return {str(tool_calls): 100.0, **{str(t): v for t, v in (extra or {}).items()}}
+
+
+def test_parallel_tool_calls_false_allows_one_call(demo, openai_client):
+    kw = {"tools": TOOLS, "max_tokens": 40, "logit_bias": _tool_calls_bias(demo)}
+    many = _ask(openai_client, "What is the weather in Paris?", **kw)
+    one = _ask(openai_client, "What is the weather in Paris?", parallel_tool_calls=False, **kw)
+    assert len(many.choices[0].message.tool_calls) >= 2  # the bias opens call after call ...
+    assert one.choices[0].finish_reason == "tool_calls"  # ... unless only one is allowed
+    assert [c.function.name for c in one.choices[0].message.tool_calls] == ["get_weather"]
+
+
+def test_auto_tool_names_are_held_to_the_offered_tools(demo, openai_client):
+    """The logits pushed toward [TOOL_CALLS] and toward the pieces of names that were never offered: the call that
+    comes back still names an offered tool, with arguments of its schema (the triggered grammar)."""
+    tok = demo.ctx.tokenizer
+    wrong = {t: 30.0 for word in ("culator", "city", "weather_now", "xyz") for t in tok.encode(word, bos=False)}
+    r = _ask(openai_client, "Hello!", tools=TOOLS, max_tokens=48, logit_bias=_tool_calls_bias(demo, wrong))
+    calls = r.choices[0].message.tool_calls
+    assert calls and r.choices[0].message.content is None
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for call in calls:
+        assert call.function.name in schemas
+        if r.choices[0].finish_reason == "tool_calls":
+            assert set(json.loads(call.function.arguments)) <= set(schemas[call.function.name]["properties"])
+
+
+def _collect_stream(client, text: str, **kw):
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=_user(text),
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            **kw,
+        )
+    )
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    calls: dict[int, dict[str, str]] = {}
+    for c in chunks:
+        for t in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            entry = calls.setdefault(t.index, {"name": "", "arguments": ""})
+            entry["name"] += t.function.name or ""
+            entry["arguments"] += t.function.arguments or ""
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return content, reasoning, list(calls.values()), finish, chunks[-1].usage
+
+
+@pytest.mark.parametrize(
+    ("text", "kw"),
+    [
+        ("What is 12 + 7?", {"reasoning_effort": "high"}),
+        ("What is the weather in Paris?", {"tools": TOOLS}),
+        ("Hello!", {"tools": TOOLS, "tool_choice": "required"}),
+        (
+            "What is the weather in Oslo?",
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+        ),
+        ("Hello!", {"tools": TOOLS, "tool_choice": "none"}),
+        ("Hello!", {"response_format": {"type": "json_object"}}),
+    ],
+)
+def test_streaming_equals_non_streaming_in_every_mode(openai_client, text, kw):
+    full = _ask(openai_client, text, max_tokens=40, **kw)
+    content, reasoning, calls, finish, usage = _collect_stream(openai_client, text, max_tokens=40, **kw)
+    message = full.choices[0].message
+    assert content == (message.content or "")
+    assert reasoning == (getattr(message, "reasoning_content", None) or "")
+    assert calls == [{"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls or []]
+    assert finish == [full.choices[0].finish_reason]
+    assert usage.completion_tokens == full.usage.completion_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == full.usage.completion_tokens_details.reasoning_tokens
