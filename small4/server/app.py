@@ -22,6 +22,7 @@ from small4.server.errors import install_error_handlers
 from small4.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from small4.server.models import model_card
 from small4.server.protocol import ChatCompletionRequest, CompletionRequest
+from small4.server.responses import ResponsesHandler, ResponsesRequest
 from small4.server.tokenize import DetokenizeRequest, TokenizeHandler, TokenizeRequest
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,12 @@ def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
     @app.post("/v1/completions")
     async def text_completions(body: CompletionRequest, request: Request) -> Response:
         return await completions(body, request)
+
+    responses = ResponsesHandler(chat)
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        return await responses(body, request)
 
     tokens = TokenizeHandler(ctx, chat.renderer)
 
