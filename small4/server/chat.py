@@ -119,15 +119,19 @@ class ChatHandler:
                 rf = response_format_from_openai(body.response_format)
                 request = request.model_copy(update={"response_format": rf})
             grammar = self.grammars.grammar_for(enforce_schemas(request), rendered.reasoning)
-            if grammar is None:  # tool_choice auto: a [TOOL_CALLS] the model emits is held to the offered tools
-                grammar = self.grammars.auto_tools_grammar(enforce_schemas(request), rendered.reasoning)
+            make = self.grammars.matcher
+            if grammar is None:  # tool_choice auto: from the model's own [TOOL_CALLS] on, only the offered tools
+                grammar, make = (
+                    self.grammars.tool_section_grammar(enforce_schemas(request)),
+                    self.grammars.triggered_matcher,
+                )
             if grammar is None:
                 return None
             compiled = await asyncio.to_thread(self.grammars.compile, grammar)
         except GrammarError as e:
             raise APIError(400, str(e), "response_format" if body.response_format else "tool_choice") from e
         vocab = self.ctx.vocab_size
-        return lambda: token_mask_provider(self.grammars.matcher(compiled), vocab)
+        return lambda: token_mask_provider(make(compiled), vocab)
 
     async def _collect(self, stream, choices: list[_Choice]) -> bool:
         async for out in timed_outputs(stream, self.ctx.metrics, ENDPOINT):
