@@ -56,3 +56,11 @@ def test_bad_requests_are_400s(server, path, body, match):
 
 def test_needs_the_api_key(server):
     assert httpx.post(f"{server.base_url}/tokenize", json={"prompt": "a"}).status_code == 401
+
+
+def test_completions_usage_counts_prefix_cache_hits(server):
+    prompt = "one two three four five six seven eight nine ten eleven twelve"
+    first = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    again = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    assert first.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
