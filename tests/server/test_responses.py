@@ -153,6 +153,14 @@ def test_function_call_round_trip(client):
     assert _create(client, follow, tools=FLAT_TOOLS).output_text == "It is sunny and 21°C in Paris."
 
 
+def test_tool_choice(client):
+    forced = _create(client, "Hello!", tools=FLAT_TOOLS, tool_choice={"type": "function", "name": "calculator"})
+    assert [item.type for item in forced.output] == ["function_call"] and forced.output[0].name == "calculator"
+    assert forced.status == "completed" and list(json.loads(forced.output[0].arguments)) == ["expression"]
+    free = _create(client, "Hello!", tools=FLAT_TOOLS, tool_choice="none")
+    assert free.output_text == "Hello! How can I help you today?"
+
+
 def test_agents_sdk_runs_one_turn(demo):
     from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 
