@@ -176,9 +176,16 @@ def test_agents_sdk_runs_one_turn(demo):
     client = openai.AsyncOpenAI(base_url=f"{demo.base_url}/v1", api_key="unused", max_retries=0)
     model = OpenAIResponsesModel(model="tiny", openai_client=client)
     agent = Agent(name="weather", model=model, tools=[get_weather])
-    result = asyncio.run(Runner.run(agent, "What is the weather in Oslo?", max_turns=3))
-    assert seen == ["Oslo"]
-    assert result.final_output == "It is snowy and -3°C in Oslo."
+
+    async def both():
+        result = await Runner.run(agent, "What is the weather in Oslo?", max_turns=3)
+        run = Runner.run_streamed(agent, "What is the weather in Lima?", max_turns=3)  # over the event stream
+        kinds = [event.type async for event in run.stream_events()]
+        return result.final_output, run.final_output, kinds
+
+    final, streamed, kinds = asyncio.run(both())  # one loop: the async client's connections belong to it
+    assert seen == ["Oslo", "Lima"] and "raw_response_event" in kinds
+    assert final == "It is snowy and -3°C in Oslo." and streamed == "It is snowy and -3°C in Lima."
 
 
 @pytest.mark.parametrize(
