@@ -128,6 +128,10 @@ def test_prefix_continues_the_answer(client):
     messages = [*_user("What is the capital of France?"), {"role": "assistant", "content": "The", "prefix": True}]
     r = client.chat.complete(model="tiny", messages=messages, max_tokens=16, temperature=0)
     assert r.choices[0].message.content == "The capital of France is Paris."  # the prefix comes back too
+    events = client.chat.stream(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    assert (
+        "".join(e.data.choices[0].delta.content or "" for e in events if e.data.choices) == r.choices[0].message.content
+    )
 
 
 def test_safe_prompt_and_prompt_mode(client):
