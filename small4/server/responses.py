@@ -141,9 +141,12 @@ class ResponsesHandler:
         return True
 
     def usage(self, choice: _Choice, prompt_len: int) -> dict[str, Any]:
+        """Responses usage: cached tokens are prefix-cache hits; every other prompt token was computed and its
+        latent written to the cache (``cache_write_tokens``)."""
+        cached = choice.num_cached
         return {
             "input_tokens": prompt_len,
-            "input_tokens_details": {"cached_tokens": choice.num_cached, "cache_write_tokens": 0},
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": prompt_len - cached},
             "output_tokens": choice.num_tokens,
             "output_tokens_details": {"reasoning_tokens": choice.reasoning_tokens},
             "total_tokens": prompt_len + choice.num_tokens,
