@@ -260,3 +260,13 @@ def test_streaming_equals_non_streaming_in_every_mode(openai_client, text, kw):
     assert finish == [full.choices[0].finish_reason]
     assert usage.completion_tokens == full.usage.completion_tokens
     assert usage.completion_tokens_details.reasoning_tokens == full.usage.completion_tokens_details.reasoning_tokens
+
+
+def test_min_tokens_defers_stop_strings(openai_client):
+    stopped = _ask(openai_client, "Hello!", max_tokens=32, stop=["!"])
+    assert stopped.choices[0].message.content == "Hello" and stopped.choices[0].finish_reason == "stop"
+    # "!" is the 4th token ("H", "ell", "o", "!"): a stop string ending at the min_tokens-th token counts (vLLM)
+    at = _ask(openai_client, "Hello!", max_tokens=32, stop=["!"], extra_body={"min_tokens": 4})
+    assert at.choices[0].message.content == "Hello"
+    deferred = _ask(openai_client, "Hello!", max_tokens=32, stop=["!"], extra_body={"min_tokens": 5})
+    assert deferred.choices[0].message.content == "Hello! How can I help you today?"
