@@ -6,8 +6,10 @@ A request needs a grammar when its output is constrained, and only then:
   grammar is "the JSON answer or tool calls", as mistral-common renders it);
 - ``tool_choice`` "required" (or the deprecated "any") or a named tool: a grammar that forces tool calls in
   the model's ``[TOOL_CALLS]name[ARGS]{json}`` format (a named choice pins the name);
-- ``tool_choice`` "auto" or "none" with a text response: no grammar. "auto" lets the model choose freely and
-  "none" is honoured by the prompt; a mask over every token of such requests would cost time for nothing.
+- ``tool_choice`` "auto" with tools and a text response: a grammar triggered by the model's own ``[TOOL_CALLS]``
+  (``tool_section_grammar`` + ``TriggeredMatcher``): the model chooses freely between text and tool calls and
+  nothing is masked until it opens a call; from there the call must name an offered tool with arguments of its
+  schema. "none" is honoured by the prompt and needs no grammar.
 
 Two deliberate departures from mistral-common's defaults, both stricter, never looser:
 
@@ -57,7 +59,15 @@ from pydantic import ValidationError
 
 from small4.chat.render import MAX_JSON_DEPTH, json_depth
 
-_JSON_OBJECT = JsonSchema(name="json_object", schema={"type": "object"}, strict=True)
+# fixed whitespace, as _compact gives the client's schemas: JSON mode must not pad forever either
+_JSON_OBJECT = JsonSchema(
+    name="json_object",
+    schema={
+        "type": "object",
+        "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+    },
+    strict=True,
+)
 _OPENAI_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
 _JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
 _MAX_ERROR_CHARS = 500
@@ -218,6 +228,45 @@ class GrammarMatcher:
         self.error = _short(why)
 
 
+class TriggeredMatcher:
+    """A grammar that starts at a trigger token: llguidance's lazy grammar, for the tool-call section of a
+    tool_choice "auto" answer.
+
+    Until the output holds the trigger (``[TOOL_CALLS]``) ``advance`` returns None (no constraint, nothing
+    computed). From the first trigger on, the inner matcher is fed the output from that token and its masks apply,
+    so everything after it must be a sentence of the section grammar (and EOS is allowed only where the section is
+    complete). Same one-sequence contract as ``GrammarMatcher``."""
+
+    def __init__(self, inner: GrammarMatcher, trigger_id: int) -> None:
+        self._inner = inner
+        self._trigger_id = trigger_id
+        self._scanned = 0
+        self._start: int | None = None
+
+    @property
+    def triggered(self) -> bool:
+        return self._start is not None
+
+    @property
+    def error(self) -> str | None:
+        return self._inner.error
+
+    @property
+    def failed(self) -> bool:
+        return self._inner.failed
+
+    def advance(self, output_token_ids: Sequence[int]) -> bytes | None:
+        if self._start is None:
+            for i in range(self._scanned, len(output_token_ids)):
+                if int(output_token_ids[i]) == self._trigger_id:
+                    self._start = i
+                    break
+            else:
+                self._scanned = len(output_token_ids)
+                return None
+        return self._inner.advance(output_token_ids[self._start :])
+
+
 def _eos_only_bitmask(eos_id: int, mask_words: int) -> bytes:
     mask = bytearray(4 * mask_words)
     mask[eos_id // 8] |= 1 << (eos_id % 8)
@@ -250,6 +299,7 @@ class GrammarCompiler:
         self._llg_tokenizer = self._factory.llg_tokenizer
         self.vocab_size: int = self._llg_tokenizer.vocab_size
         self.eos_id: int = self._llg_tokenizer.eos_token
+        self.tool_calls_id: int = tokenizer.instruct_tokenizer.tokenizer.get_special_token("[TOOL_CALLS]")
         self._mask_words = (self.vocab_size + 31) // 32
         self._think_template = self._factory.select_jinja_template()
         self._plain_template = JINJA_PATHS["base"].read_text(encoding="utf-8")
@@ -294,6 +344,28 @@ class GrammarCompiler:
             raise GrammarError(str(e)) from e
         except RecursionError:  # a backstop: render and response_format_from_openai bound the nesting
             raise GrammarError("the schema is nested too deeply to build a grammar") from None
+
+    def tool_section_grammar(self, request: ChatCompletionRequest) -> str | None:
+        """``tool_choice`` "auto" with tools and a text answer: the grammar of the tool-call section alone
+        (``[TOOL_CALLS]name[ARGS]{json}``, repeated unless ``parallel_tool_calls`` is false), for a
+        ``TriggeredMatcher`` that applies it from the model's own ``[TOOL_CALLS]`` on. Before that the output is
+        free (no mask, no cost); from there the name is one of the offered tools and the arguments follow its schema
+        (pass the request through ``enforce_schemas``): without it a weak or confused model may name a tool that
+        was never offered or write arguments of another tool. None when the request is not of that kind (no tools,
+        another tool_choice, a JSON response format: ``grammar_for`` covers those)."""
+        if not request.tools or request.tool_choice != ToolChoiceEnum.auto:
+            return None
+        if request.response_format.type != ResponseFormats.text:
+            return None
+        section = request.model_copy(update={"tool_choice": ToolChoiceEnum.required})
+        try:
+            return self._factory.get_grammar_for_chat_request(section, self._plain_template)
+        except (InvalidRequestException, ValueError) as e:
+            raise GrammarError(str(e)) from e
+
+    def triggered_matcher(self, grammar: str | CompiledGrammar) -> TriggeredMatcher:
+        """A fresh ``TriggeredMatcher`` for one sequence over a ``tool_section_grammar``."""
+        return TriggeredMatcher(self.matcher(grammar), self.tool_calls_id)
 
     # ---- compiling ---------------------------------------------------------------------------------------
     def compile(self, grammar: str) -> CompiledGrammar:

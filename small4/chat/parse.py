@@ -151,6 +151,7 @@ class OutputParser:
         self._calls: list[_Call] = []
         self._malformed = False
         self._finished = False
+        self._truncated = False
         # What the current feed()/finish() call will return, gathered as parts (no quadratic +=).
         self._out_content: list[str] = []
         self._out_reasoning: list[str] = []
@@ -179,14 +180,23 @@ class OutputParser:
             pos = match.end()
         return self._take()
 
-    def finish(self) -> ParsedDelta:
-        """Flush held-back text and close the output; after this the totals are final."""
+    def finish(self, truncated: bool = False) -> ParsedDelta:
+        """Flush held-back text and close the output; after this the totals are final.
+
+        ``truncated``: the output was cut (max_tokens), not ended by the model. A tool call cut before its
+        ``[ARGS]`` is then dropped (never sent as content), and the calls of the section are kept as they were
+        streamed, the last one with partial arguments: ``tool_calls`` returns them and ``content`` leaves the
+        section out, so control strings never reach the content of a cut answer."""
         if self._finished:
             return ParsedDelta()
         pending, self._pending = self._pending, ""
         self._text(pending)
+        self._truncated = truncated and self._section is not None and not self._malformed
         if self._state in (_State.NAME, _State.CALL_ID):
-            self._malformed_call()  # a call that never reached [ARGS]
+            if self._truncated:
+                self._call_raw = []  # a name cut short: not a call, and not content either
+            else:
+                self._malformed_call()  # a call that never reached [ARGS]
         elif self._state is _State.ARGS:
             self._end_call()
         self._finished = True
@@ -196,7 +206,7 @@ class OutputParser:
     def content(self) -> str:
         """Final content: text outside reasoning, plus the raw tool-call section if it was malformed."""
         text = "".join(self._content)
-        if self._section is not None and not self.tool_calls_valid:
+        if self._section is not None and not self.tool_calls_valid and not self._truncated:
             text += "".join(self._section)
         return text
 
@@ -206,7 +216,10 @@ class OutputParser:
 
     @property
     def tool_calls(self) -> list[ToolCall]:
-        """Final tool calls: all of the section's calls if every one is well formed, else none."""
+        """Final tool calls: all of the section's calls if every one is well formed, else none; of a truncated
+        output, the calls as streamed (the last one's arguments may be cut)."""
+        if self._truncated:
+            return self.streamed_tool_calls
         if not self.tool_calls_valid:
             return []
         return [ToolCall(c.id, c.name, "".join(c.arguments).strip()) for c in self._calls]

@@ -25,6 +25,7 @@ refused.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 import string
@@ -77,12 +78,12 @@ _MESSAGE_KEYS: dict[str, frozenset[str]] = {
 _IMAGE_ROLES = frozenset({"user", "tool"})
 _TOOL_KEYS = frozenset({"type", "function"})
 _FUNCTION_KEYS = frozenset({"name", "description", "parameters", "strict"})
-_TOOL_CALL_KEYS = frozenset({"id", "type", "function"})
+_TOOL_CALL_KEYS = frozenset({"id", "type", "function", "index"})  # index: the mistralai SDK echoes it back
 _FUNCTION_CALL_KEYS = frozenset({"name", "arguments"})
-_TOOL_CHOICES = ("auto", "none", "required")
 # Deepest JSON (tool parameters, response_format) accepted: mistral-common and the grammar builder recurse per
 # level and hit Python's recursion limit near 250; real schemas stay far below this.
 MAX_JSON_DEPTH = 64
+_TOOL_CHOICES = ("auto", "none", "required", "any")  # "any" is Mistral's name for "required"
 DEFAULT_MEDIA_POLICY = MediaPolicy()  # data: URLs only (frozen, so safe to share)
 
 
@@ -263,22 +264,28 @@ class ChatRenderer:
     def _assistant_message(
         self, message: dict[str, Any], param: str, ids: _ToolCallIds, images: _Images
     ) -> AssistantMessage:
-        content = message.get("content")
+        content, thinking = _split_thinking(message.get("content"), f"{param}.content")
         if content is not None:
             _content(content, "assistant", f"{param}.content", images)  # shape check only: text parts
         tool_calls = message.get("tool_calls")
         openai: dict[str, Any] = {"role": "assistant", "content": content}
+        if thinking is not None:
+            if "reasoning_content" in message or "reasoning" in message:
+                raise RenderError("give the reasoning once: thinking chunks or reasoning_content", param)
+            openai["reasoning_content"] = thinking
         if tool_calls is not None:
             if not isinstance(tool_calls, list):
                 raise RenderError("tool_calls must be a list", f"{param}.tool_calls")
             openai["tool_calls"] = [
                 _tool_call(call, f"{param}.tool_calls[{j}]", ids) for j, call in enumerate(tool_calls)
             ]
-        for key in ("reasoning_content", "reasoning"):
-            if key in message:
-                if not isinstance(message[key], str):
-                    raise RenderError(f"{key} must be a string", f"{param}.{key}")
-                openai[key] = message[key]
+        given = [key for key in ("reasoning_content", "reasoning") if key in message]
+        if len(given) == 2 and message["reasoning_content"] != message["reasoning"]:
+            raise RenderError("reasoning and reasoning_content (its alias) differ", f"{param}.reasoning")
+        for key in given[:1]:
+            if not isinstance(message[key], str):
+                raise RenderError(f"{key} must be a string", f"{param}.{key}")
+            openai["reasoning_content"] = message[key]
         prefix = message.get("prefix", False)
         if not isinstance(prefix, bool):
             raise RenderError("prefix must be a boolean", f"{param}.prefix")
@@ -326,8 +333,8 @@ class ChatRenderer:
                 raise RenderError(
                     f"tool_choice must be one of {allowed} or a named function, got {choice!r}", "tool_choice"
                 )
-            if choice == "required" and not names:
-                raise RenderError("tool_choice 'required' needs tools", "tool_choice")
+            if choice in ("required", "any") and not names:
+                raise RenderError(f"tool_choice {choice!r} needs tools", "tool_choice")
             return ToolChoiceEnum(choice)
         if isinstance(choice, dict):
             _check_keys(choice, frozenset({"type", "function"}), "tool_choice", "tool_choice")
@@ -434,9 +441,48 @@ def _tool_call(call: Any, param: str, ids: _ToolCallIds) -> dict[str, Any]:
     if not isinstance(function, dict):
         raise RenderError("a tool call needs a function object", f"{param}.function")
     _check_keys(function, _FUNCTION_CALL_KEYS, f"{param}.function", "tool call functions")
-    if not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
+    arguments = function.get("arguments")
+    if isinstance(arguments, dict):  # the Mistral API also takes the arguments as an object
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    if not isinstance(function.get("name"), str) or not isinstance(arguments, str):
         raise RenderError("a tool call function needs a string name and string arguments", f"{param}.function")
-    return {"id": ids.map(call["id"]), "type": "function", "function": dict(function)}
+    named = {"name": function["name"], "arguments": arguments}
+    return {"id": ids.map(call["id"]), "type": "function", "function": named}
+
+
+def _split_thinking(content: Any, param: str) -> tuple[Any, str | None]:
+    """Mistral's ``thinking`` content chunks (``{"type": "thinking", "thinking": [text chunks] | str}``) of an
+    assistant history message -> (the other parts, the reasoning text); content without them is returned as is.
+    Only one leading thinking block is rendered (the v15 format has one reasoning block before the answer)."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") == "thinking" for p in content):
+        return content, None
+    texts: list[str] = []
+    rest: list[Any] = []
+    for i, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "thinking"):
+            rest.append(part)
+            continue
+        if rest:
+            raise RenderError("thinking chunks must come before the answer's text", f"{param}[{i}]")
+        _check_keys(part, frozenset({"type", "thinking", "closed", "signature"}), f"{param}[{i}]", "thinking chunks")
+        if part.get("signature") is not None:
+            raise RenderError("signed thinking chunks are not supported", f"{param}[{i}].signature")
+        texts.append(_thinking_text(part.get("thinking"), f"{param}[{i}].thinking"))
+    return (rest or None), "".join(texts)
+
+
+def _thinking_text(thinking: Any, param: str) -> str:
+    if isinstance(thinking, str):
+        return thinking
+    if not isinstance(thinking, list):
+        raise RenderError("thinking must be a string or a list of text chunks", param)
+    out = []
+    for j, chunk in enumerate(thinking):
+        if not isinstance(chunk, dict) or chunk.get("type") != "text" or not isinstance(chunk.get("text"), str):
+            raise RenderError("thinking chunks hold text chunks only", f"{param}[{j}]")
+        _check_keys(chunk, frozenset({"type", "text"}), f"{param}[{j}]", "text chunks")
+        out.append(chunk["text"])
+    return "".join(out)
 
 
 def _content(content: Any, role: str, param: str, images: _Images) -> str | list[ContentChunk]:

@@ -8,6 +8,8 @@ stop string never reaches the client, even when it is split across several token
 Stop semantics: generation stops at the first position of the text at which some stop string ends (the same
 answer a character-by-character matcher gives, whatever the tokenisation); among stop strings ending there,
 the longest wins. Output is truncated before the match (or after it with ``include_stop_str_in_output``).
+``min_tokens`` defers stop strings as it defers EOS and stop ids (as vLLM does): a stop string counts only when
+it ends in the ``min_tokens``-th output token or later; one complete before that is ordinary text.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class IncrementalDetokenizer:
         self._kept_special = frozenset(params.kept_special_token_ids)
         self._stops = params.stop
         self._include_stop = params.include_stop_str_in_output
+        self._min_tokens = params.min_tokens
+        self._num_tokens = 0  # tokens fed to add(), skipped specials included (they count for min_tokens)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # decoded, not yet released: always shorter than the longest stop string
         self._chunks: list[str] = []
@@ -57,6 +61,7 @@ class IncrementalDetokenizer:
         """Feed one generated token; return the newly releasable text (possibly empty)."""
         if self.stopped is not None:
             return ""
+        self._num_tokens += 1
         if self._skip_special and self._is_special(token_id) and token_id not in self._kept_special:
             return ""
         return self._release(self._decoder.decode(self._token_bytes(token_id)), final=False)
@@ -70,7 +75,7 @@ class IncrementalDetokenizer:
 
     def _release(self, new_text: str, final: bool) -> str:
         window = self._held + new_text
-        match = self._find_stop(window)
+        match = self._find_stop(window) if self._num_tokens >= self._min_tokens else None
         if match is not None:
             start, stop = match
             out = window[: start + len(stop)] if self._include_stop else window[:start]

@@ -85,6 +85,8 @@ class Engine:
         self.scheduler = Scheduler(self._scheduler_config(), self.block_manager)
         self.runner.prepare_decode_graphs(self.max_model_len, self.engine_cfg.max_num_seqs)
         self.sampler = Sampler()
+        # unseeded requests draw from this one generator: a restarted engine with the same seed reproduces them
+        self.rng = seeded_generator(self.engine_cfg.seed, self.runner.device)
         self.sequences: dict[str, _Sequence] = {}
         self.children: dict[str, list[str]] = {}
         self.num_preemptions = 0
@@ -208,6 +210,7 @@ class Engine:
             generators=[s.generator for s in seqs],
             token_masks=masks,
             eos_token_id=self.tokenizer.eos_id,
+            shared_generator=self.rng,
         )
         out = self.sampler(logits, batch)
         logprobs = out.logprobs or [None] * len(seqs)

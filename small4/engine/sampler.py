@@ -9,9 +9,11 @@ row's noise from its own generator (which is what makes seeded sampling independ
 from __future__ import annotations
 
 import itertools
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from small4.engine.sampling_params import SamplingParams
@@ -23,10 +25,32 @@ _NEG_INF = float("-inf")
 
 
 def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A per-request generator; create it on the logits' device so the noise needs no copy."""
+    """A per-request generator; create it on the logits' device so the noise needs no copy.
+
+    The whole 64-bit seed counts. CUDA's Philox generator takes all 64 bits; torch's CPU generator (mt19937) keeps
+    only the low 32, so s and s + 2**32 would sample identically: a CPU seed outside [0, 2**32) gets its mt19937
+    state filled from numpy's ``SeedSequence`` of the full seed instead (seeds inside keep torch's own seeding)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
+    if generator.device.type == "cpu" and not 0 <= seed < 2**32:
+        _seed_mt19937_whole(generator, seed % 2**64)
     return generator
+
+
+_MT_WORDS = 624
+_MT_STATE_OFFSET = 24  # torch's CPU generator state: u64 initial seed, i32 left, i32 seeded, u64 next, u64 words[624]
+
+
+def _seed_mt19937_whole(generator: torch.Generator, seed: int) -> None:
+    """Replace the 624 mt19937 state words of a freshly seeded CPU generator with words drawn from the full seed."""
+    state = bytearray(generator.get_state().numpy().tobytes())
+    initial, left, _, _ = struct.unpack_from("<QiiQ", state, 0)
+    (first_word,) = struct.unpack_from("<Q", state, _MT_STATE_OFFSET)
+    if initial != seed or left != 1 or first_word != seed & 0xFFFFFFFF:  # the layout this relies on changed
+        raise RuntimeError("unexpected torch CPU generator state layout: cannot seed it with 64 bits")
+    words = np.random.SeedSequence(seed).generate_state(_MT_WORDS, dtype=np.uint32).astype("<u8")
+    state[_MT_STATE_OFFSET : _MT_STATE_OFFSET + 8 * _MT_WORDS] = words.tobytes()
+    generator.set_state(torch.frombuffer(state, dtype=torch.uint8).clone())
 
 
 @dataclass(frozen=True)
@@ -36,6 +60,8 @@ class SamplingBatch:
     ``generators[i]`` must be the request's own generator, kept by the engine across steps (the sampler only
     advances it); a non-greedy row whose params carry a seed must have one, or the seed would be ignored.
     ``eos_token_ids[i]`` is banned under ``min_tokens`` and is the fallback when a grammar masks everything.
+    ``shared_generator`` (the engine's, seeded with its ``seed``) draws the noise of the unseeded rows, so a
+    restarted engine given the same requests samples the same tokens; None uses torch's global RNG.
     """
 
     params: list[SamplingParams]
@@ -44,6 +70,7 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     token_masks: list[TokenMaskFn | None]
     eos_token_ids: list[int | None]
+    shared_generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
         n = len(self.params)
@@ -74,6 +101,7 @@ class SamplingBatch:
         generators: Sequence[torch.Generator | None] | None = None,
         token_masks: Sequence[TokenMaskFn | None] | None = None,
         eos_token_id: int | None | Sequence[int | None] = None,
+        shared_generator: torch.Generator | None = None,
     ) -> SamplingBatch:
         """Build a batch; omitted lists default to empty token lists / no generator / no mask.
 
@@ -88,6 +116,7 @@ class SamplingBatch:
             generators=list(generators) if generators is not None else [None] * n,
             token_masks=list(token_masks) if token_masks is not None else [None] * n,
             eos_token_ids=list(eos),
+            shared_generator=shared_generator,
         )
 
 
@@ -276,11 +305,12 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 def _exponential_noise(batch: SamplingBatch, rows: list[int], vocab: int, device: torch.device) -> torch.Tensor:
     """``Exp(1)`` noise ``[B, V]`` for the sampled rows: each seeded row from its own generator (so its draw
-    does not depend on who else is in the batch), the unseeded ones in one draw from the global RNG."""
+    does not depend on who else is in the batch), the unseeded ones in one draw from the shared generator."""
     noise = torch.ones(len(batch), vocab, device=device)  # [B, V]
     shared = [i for i in rows if batch.generators[i] is None]
     if shared:
-        noise[_rows_tensor(shared, device)] = torch.empty(len(shared), vocab, device=device).exponential_()
+        draw = torch.empty(len(shared), vocab, device=device).exponential_(generator=batch.shared_generator)
+        noise[_rows_tensor(shared, device)] = draw
     for i in rows:
         generator = batch.generators[i]
         if generator is not None:

@@ -15,8 +15,9 @@ import torch
 
 
 class BitmaskMatcher(Protocol):
-    def advance(self, output_token_ids: Sequence[int]) -> bytes:
-        """Consume the unseen suffix of the output; return the bitmask of tokens allowed next."""
+    def advance(self, output_token_ids: Sequence[int]) -> bytes | None:
+        """Consume the unseen suffix of the output; return the bitmask of tokens allowed next (None: any token,
+        e.g. a grammar that has not been triggered yet)."""
         ...
 
 
@@ -34,7 +35,8 @@ def token_mask_provider(matcher: BitmaskMatcher, vocab_size: int) -> Callable[[l
     """The ``token_mask`` hook for ``Engine.add_request``: called with the sequence's output token ids before
     each sampling step, returns the allowed tokens ``[vocab_size]``. One matcher (and provider) per sequence."""
 
-    def provider(output_token_ids: list[int]) -> torch.Tensor:
-        return bitmask_to_bool(matcher.advance(output_token_ids), vocab_size)
+    def provider(output_token_ids: list[int]) -> torch.Tensor | None:
+        bitmask = matcher.advance(output_token_ids)
+        return None if bitmask is None else bitmask_to_bool(bitmask, vocab_size)
 
     return provider

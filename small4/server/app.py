@@ -21,7 +21,10 @@ from small4.server.completions import CompletionHandler
 from small4.server.context import ServerContext
 from small4.server.errors import install_error_handlers
 from small4.server.middleware import APIKeyMiddleware, SizeLimitMiddleware
+from small4.server.models import model_card
 from small4.server.protocol import ChatCompletionRequest, CompletionRequest
+from small4.server.responses import ResponsesHandler, ResponsesRequest
+from small4.server.tokenize import DetokenizeRequest, TokenizeHandler, TokenizeRequest
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +57,7 @@ def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        card = {
-            "id": ctx.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "small4",
-            "max_model_len": ctx.limits.max_model_len,
-        }
+        card = model_card(ctx, chat.renderer.reasoning_efforts)
         return JSONResponse({"object": "list", "data": [card]})
 
     @app.get("/metrics")
@@ -74,6 +71,22 @@ def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
     @app.post("/v1/completions")
     async def text_completions(body: CompletionRequest, request: Request) -> Response:
         return await completions(body, request)
+
+    responses = ResponsesHandler(chat)
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        return await responses(body, request)
+
+    tokens = TokenizeHandler(ctx, chat.renderer)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        return JSONResponse(await tokens.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        return JSONResponse(await tokens.detokenize(body))
 
     # outermost first: the size cap runs before auth reads nothing but headers anyway
     app.add_middleware(APIKeyMiddleware, api_key=options.api_key)

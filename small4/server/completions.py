@@ -90,6 +90,7 @@ class CompletionHandler:
         echo = [self.ctx.tokenizer.decode(p) if body.echo else "" for p in prompts]
         choices = [_Choice(i * body.n + k, echo[i]) for i in range(len(prompts)) for k in range(body.n)]
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
+        usage["prompt_tokens_details"] = {"cached_tokens": 0}  # prefix-cache hits, summed over the prompts
         if body.stream:
             gen = self._stream(body, rid, created, streams, choices, usage)
             body_iter = sse_response_body(gen, self.ctx.metrics, ENDPOINT, ticket)
@@ -113,6 +114,8 @@ class CompletionHandler:
         usage["completion_tokens"] += len(out.new_token_ids)
         if out.finished:
             choice.finish_reason = out.finish_reason
+            if out.index == 0:  # the n sequences of a prompt share its cached blocks: count them once
+                usage["prompt_tokens_details"]["cached_tokens"] += out.num_cached_tokens
 
     def _choice_body(
         self, body: CompletionRequest, c: _Choice, text: str, lps: list[TokenLogprobs], offset: int

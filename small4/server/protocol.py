@@ -157,6 +157,11 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    # Mistral dialect (chat/dialect.py): random_seed is Mistral's name for seed; safe_prompt prepends Mistral's
+    # guardrail system prompt; prompt_mode has no value Small 4 supports beyond null (reasoning_effort instead)
+    random_seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    safe_prompt: bool = False
+    prompt_mode: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -164,10 +169,19 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise ValueError("tool_choice is set but no tools are given")
-        if isinstance(self.tool_choice, str) and self.tool_choice not in ("none", "auto", "required"):
-            raise ValueError("tool_choice must be 'none', 'auto', 'required' or a named function")
+        if isinstance(self.tool_choice, str) and self.tool_choice not in ("none", "auto", "required", "any"):
+            raise ValueError("tool_choice must be 'none', 'auto', 'required' (Mistral: 'any') or a named function")
         if self.store:
             raise ValueError("store=true is not supported")
+        if self.random_seed is not None and self.seed is not None and self.random_seed != self.seed:
+            raise ValueError("seed and random_seed (its Mistral name) are both set and differ")
+        if self.seed is None:
+            self.seed = self.random_seed
+        if self.prompt_mode is not None:
+            raise ValueError(
+                f"prompt_mode {self.prompt_mode!r} is not supported by this model: Small 4 has no reasoning system "
+                "prompt; use reasoning_effort ('none' or 'high') to turn reasoning on or off"
+            )
         return self
 
     @property

@@ -43,6 +43,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--max-queue", type=int, default=256, help="sequences admitted beyond --max-num-seqs before answering 503"
     )
     p.add_argument("--max-seqs-per-request", type=int, default=64, help="prompts x n of one request")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling of requests that give no seed")
     p.add_argument("--max-body-bytes", type=parse_bytes, default=32 * 1024 * 1024)
     p.add_argument("--max-header-bytes", type=parse_bytes, default=32 * 1024)
     p.add_argument("--render-timeout", type=float, default=30.0, help="seconds to render / tokenize one request")
@@ -77,6 +78,7 @@ def build_from_args(args: argparse.Namespace):
         device=args.device,
         kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
+        seed=args.seed,
     )
     engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
     name = args.served_model_name or ("small4-tiny" if not args.model else model_dir.name)

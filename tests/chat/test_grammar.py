@@ -333,3 +333,79 @@ def test_output_shorter_than_what_was_consumed_fails_the_matcher(llm, compiler):
     matcher.advance(tokens)
     assert _allowed(matcher.advance(tokens[:-1])) == {llm.tokenizer.eos_id}
     assert matcher.failed and "one matcher per sequence" in matcher.error
+
+
+def _tool_name_start_ids(llm, allowed: set[int]) -> set[str]:
+    """The first characters of the tokens the mask allows (mistral-common's grammar allows up to 8 whitespace
+    characters around a name)."""
+    tok = llm.tokenizer
+    return {tok.token_bytes(t).decode("utf-8", "replace")[:1] for t in allowed if not tok.is_special(t)}
+
+
+def test_triggered_tool_grammar_is_free_until_tool_calls_then_holds_names_and_arguments(llm, compiler):
+    """tool_choice auto: no mask before the model's own [TOOL_CALLS]; from it on, a name outside the offered tools
+    is impossible (every token that would start or continue one is masked) and the arguments follow the schema."""
+    from mistral_common.protocol.instruct.tool_calls import ToolChoiceEnum
+
+    from small4.chat.grammar import enforce_schemas
+
+    request = enforce_schemas(_request(tools=TOOLS, tool_choice=ToolChoiceEnum.auto))
+    grammar = compiler.tool_section_grammar(request)
+    assert grammar is not None and compiler.grammar_for(request) is None
+    matcher = compiler.triggered_matcher(grammar)
+    tok = llm.tokenizer
+    text = tok.encode("Let me check.", bos=False)
+    assert matcher.advance(text) is None and not matcher.triggered  # free text: nothing computed
+    trigger = compiler.tool_calls_id
+    after = matcher.advance([*text, trigger])
+    assert matcher.triggered and _tool_name_start_ids(llm, _allowed(after)) - set(" \t\r\n") == {
+        "g"
+    }  # get_weather | get_time
+    assert tok.eos_id not in _allowed(after)
+    wrong = tok.encode("culator", bos=False)
+    mask = matcher.advance([*text, trigger, *wrong])
+    assert matcher.failed and _allowed(mask) == {tok.eos_id}  # a wrong name is refused, not followed
+    ok = compiler.triggered_matcher(grammar)
+    call = [
+        trigger,
+        *tok.encode("get_time", bos=False),
+        tok.special_id("[ARGS]"),
+        *tok.encode('{"zone":"utc"}', bos=False),
+    ]
+    end = ok.advance([*text, *call])
+    assert not ok.failed, ok.error
+    assert tok.eos_id in _allowed(end) and trigger in _allowed(end)  # parallel calls allowed
+
+
+def test_triggered_tool_grammar_through_the_engine_never_names_an_unoffered_tool(llm, compiler):
+    """The logits pushed toward [TOOL_CALLS] and toward letters no offered name starts with: every sampled answer is
+    still well-formed calls of offered tools with schema-valid arguments."""
+    from mistral_common.protocol.instruct.tool_calls import ToolChoiceEnum
+
+    from small4.chat.grammar import enforce_schemas
+
+    request = enforce_schemas(_request(tools=TOOLS, tool_choice=ToolChoiceEnum.auto, parallel_tool_calls=False))
+    compiled = compiler.compile(compiler.tool_section_grammar(request))
+    tok = llm.tokenizer
+    bias = {compiler.tool_calls_id: 100.0, **{t: 20.0 for t in tok.encode("culator xyz", bos=False)}}
+    engine, vocab = llm.engine, engine_vocab(llm)
+    prompt = tok.mistral.encode_chat_completion(request).tokens
+    for i, seed in enumerate(SEEDS):
+        params = SamplingParams(temperature=0.0 if seed is None else 1.0, seed=seed, max_tokens=60, logit_bias=bias)
+        engine.add_request(
+            f"t{i}", prompt, params, lambda: token_mask_provider(compiler.triggered_matcher(compiled), vocab)
+        )
+    outputs: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    for ids in outputs.values():
+        text = tok.decode([t for t in ids if t != tok.eos_id], skip_special_tokens=False)
+        match = TOOL_CALL.fullmatch(text)
+        assert match is not None, text
+        schema = {"get_weather": WEATHER, "get_time": TIME}[match["name"]]
+        jsonschema.validate(json.loads(match["args"]), schema)
+
+
+def engine_vocab(llm) -> int:
+    return llm.engine.runner.config.text.vocab_size

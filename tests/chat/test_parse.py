@@ -400,3 +400,32 @@ def test_any_output_parses_without_error_and_splits_agree(text, cuts, reasoning,
         # an enabled opening marker always opens its block, so it never stays in content
         assert not (tools and TOOL_CALLS in whole.content)
         assert not (reasoning and THINK in whole.content)
+
+
+# -- output cut by max_tokens -----------------------------------------------------------------------
+
+
+def _cut(pieces: list[str]) -> tuple[OutputParser, list[ParsedDelta]]:
+    parser = OutputParser(reasoning=True, tools=True, id_factory=counter_ids())
+    deltas = [parser.feed(p) for p in pieces]
+    return parser, [*deltas, parser.finish(truncated=True)]
+
+
+def test_call_cut_in_its_arguments_stays_a_tool_call() -> None:
+    parser, deltas = _cut(["Sure.", TOOL_CALLS, "get_weather[ARGS]", '{"city": "Pa'])
+    assert parser.content == "Sure." and "".join(d.content for d in deltas) == "Sure."
+    assert parser.tool_calls == [ToolCall("call00000", "get_weather", '{"city": "Pa')]
+    assert not parser.tool_calls_valid  # the arguments are not JSON: the client is told by finish_reason "length"
+
+
+def test_call_cut_in_its_name_is_dropped_not_sent_as_content() -> None:
+    parser, deltas = _cut(['[TOOL_CALLS]a[ARGS]{"x": 1}', TOOL_CALLS, "get_wea"])
+    assert parser.content == "" and all("[TOOL" not in d.content for d in deltas)
+    assert parser.tool_calls == [ToolCall("call00000", "a", '{"x": 1}')]
+
+
+def test_untruncated_malformed_section_still_falls_back_to_content() -> None:
+    parser = OutputParser(reasoning=True, tools=True, id_factory=counter_ids())
+    parser.feed('[TOOL_CALLS]get_weather[ARGS]{"city": "Pa')
+    parser.finish()
+    assert parser.tool_calls == [] and parser.content.startswith(TOOL_CALLS)

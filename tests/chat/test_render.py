@@ -166,7 +166,7 @@ def test_tool_choice(renderer: ChatRenderer, tokenizer: Tokenizer, choice, expec
 @pytest.mark.parametrize(
     ("tools", "choice", "match"),
     [
-        ([WEATHER], "any", "tool_choice must be one of 'auto', 'none', 'required'"),
+        ([WEATHER], "sometimes", "tool_choice must be one of 'auto', 'none', 'required', 'any'"),
         ([WEATHER], {"type": "function", "function": {"name": "get_time"}}, "not among the tools"),
         (None, "required", "needs tools"),
         ([WEATHER], {"type": "function"}, "named tool_choice"),
@@ -509,3 +509,64 @@ print((status_kib("VmHWM") - before) // 1024)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     peak_mib = int(done.stdout.strip().splitlines()[-1])
     assert peak_mib < 200, peak_mib  # measured: ~690 MiB before, ~80 MiB after
+
+
+# -- the Mistral dialect's history shapes -------------------------------------------------------------
+
+
+def _assistant_history(assistant: dict) -> list[dict]:
+    return [{"role": "user", "content": "What is 2 + 2?"}, assistant, {"role": "user", "content": "Thanks!"}]
+
+
+def test_thinking_chunks_render_like_reasoning_content(renderer: ChatRenderer) -> None:
+    openai = renderer.render(_assistant_history({"role": "assistant", "content": "4.", "reasoning_content": "2+2"}))
+    alias = renderer.render(_assistant_history({"role": "assistant", "content": "4.", "reasoning": "2+2"}))
+    chunks = [
+        {
+            "type": "thinking",
+            "thinking": [{"type": "text", "text": "2+"}, {"type": "text", "text": "2"}],
+            "closed": True,
+        },
+        {"type": "text", "text": "4."},
+    ]
+    mistral = renderer.render(_assistant_history({"role": "assistant", "content": chunks}))
+    plain = renderer.render(_assistant_history({"role": "assistant", "content": "4."}))
+    assert openai.token_ids == alias.token_ids == mistral.token_ids != plain.token_ids
+    assert THINK in openai.token_ids and END_THINK in openai.token_ids
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "match"),
+    [
+        ([{"type": "text", "text": "4."}, {"type": "thinking", "thinking": "late"}], {}, "before the answer"),
+        ([{"type": "thinking", "thinking": "x", "signature": "abc"}], {}, "signed"),
+        ([{"type": "thinking", "thinking": [{"type": "image_url"}]}], {}, "text chunks only"),
+        ([{"type": "thinking", "thinking": "x"}], {"reasoning_content": "y"}, "once"),
+        ("4.", {"reasoning_content": "x", "reasoning": "y"}, "differ"),
+    ],
+)
+def test_bad_reasoning_in_history(renderer: ChatRenderer, content, extra, match) -> None:
+    with pytest.raises(RenderError, match=match):
+        renderer.render(_assistant_history({"role": "assistant", "content": content, **extra}))
+
+
+def test_mistral_tool_calls_with_object_arguments_and_index(renderer: ChatRenderer) -> None:
+    def history(arguments) -> list[dict]:
+        call = {"id": "abcdefghi", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+        return [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [{**call, "index": 0}]},
+            {"role": "tool", "tool_call_id": "abcdefghi", "content": "sunny"},
+        ]
+
+    as_object = renderer.render(history({"city": "Paris"}), tools=[WEATHER])
+    as_string = renderer.render(history('{"city": "Paris"}'), tools=[WEATHER])
+    assert as_object.token_ids == as_string.token_ids
+
+
+def test_tool_choice_any_is_required(renderer: ChatRenderer) -> None:
+    messages = [{"role": "user", "content": "Weather?"}]
+    any_ = renderer.render(messages, tools=[WEATHER], tool_choice="any")
+    assert any_.request.tool_choice == ToolChoiceEnum.any
+    with pytest.raises(RenderError, match="needs tools"):
+        renderer.render(messages, tool_choice="any")

@@ -149,3 +149,22 @@ def test_released_text_equals_truncated_full_decode(
     expected, stop = _reference(tokens, stops, skip_special, include)
     assert released == expected == d.text
     assert d.stopped == stop
+
+
+def test_min_tokens_defers_stop_strings() -> None:
+    """A stop string complete before the min_tokens-th token is text (as vLLM does); one ending at or after it
+    stops, even when it began before."""
+    d = _detok(stop=("STOP",), min_tokens=3, max_tokens=16)
+    assert _feed(d, [15, 2]) == ["STOP", "a"]  # tokens 1 and 2: "STOP" does not count yet
+    assert d.stopped is None
+    assert _feed(d, [15]) == [""]  # token 3 ends a stop string: it counts
+    assert d.stopped == "STOP" and d.text == "STOPa"
+    split = _detok(stop=("STOP",), min_tokens=3, max_tokens=16)
+    assert _feed(split, [2, 16, 17, 18]) == ["a", "", "", ""]  # "ST" held across the boundary, ends at token 4
+    assert split.stopped == "STOP" and split.text == "a"
+
+
+def test_min_tokens_counts_skipped_special_tokens() -> None:
+    d = _detok(stop=("STOP",), min_tokens=2, max_tokens=16)
+    assert _feed(d, [19, 15]) == ["", ""]  # the skipped special is the first output token
+    assert d.stopped == "STOP"

@@ -194,3 +194,23 @@ def test_bad_requests_are_rejected(model_dir):
     with pytest.raises(ValueError, match="logit_bias"):
         engine.add_request("z", [1000], SamplingParams(logit_bias={10**6: 1.0}))
     assert not engine.has_unfinished()
+
+
+def _sampled(model_dir, seeds: list[int | None], **cfg) -> list[list[int]]:
+    """One short sampled output per seed (None: unseeded), all in one batch of one engine."""
+    params = [SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, seed=s) for s in seeds]
+    llm = LLM(model_dir, EngineConfig(block_size=4, **cfg))
+    return [r.outputs[0].token_ids for r in llm.generate([[1000, 1001, 1002]] * len(seeds), params)]
+
+
+def test_engine_seed_reproduces_unseeded_sampling_and_request_seeds_use_64_bits(model_dir):
+    """Requests without a seed draw from the engine's generator: a restarted engine with the same seed samples the
+    same tokens, another seed samples others. A request seed counts whole: torch's CPU generator alone keeps only
+    the low 32 bits, so s and s + 2**32 would sample alike."""
+    seeds = [None, None, 5, 5 + 2**32, 2**63 - 1, -(2**63)]
+    first = _sampled(model_dir, seeds, seed=7)
+    again = _sampled(model_dir, seeds, seed=7)
+    other = _sampled(model_dir, [None, None, 5], seed=8)
+    assert again == first
+    assert other[:2] != first[:2] and other[2] == first[2]  # the engine seed is for unseeded requests only
+    assert len({tuple(t) for t in first[2:]}) == 4

@@ -239,3 +239,23 @@ def test_batch_validation() -> None:
         SamplingBatch.from_lists([SamplingParams()], output_token_ids=[[], []])
     with pytest.raises(ValueError, match="vocabulary"):
         Sampler()(_logits(1), SamplingBatch.from_lists([SamplingParams(logit_bias={VOCAB: 1.0})]))
+
+
+def test_seeded_generator_uses_the_whole_64_bit_seed() -> None:
+    def draw(seed: int) -> list[float]:
+        return torch.rand(8, generator=seeded_generator(seed)).tolist()
+
+    assert draw(5) == torch.rand(8, generator=torch.Generator().manual_seed(5)).tolist()  # 32-bit seeds: torch's own
+    assert draw(5 + 2**32) == draw(5 + 2**32) != draw(5)
+    assert len({tuple(draw(s)) for s in (-1, -(2**63), 2**63 - 1, 2**40, 2**40 + 1)}) == 5
+
+
+def test_shared_generator_draws_the_unseeded_rows() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))  # [B, V]
+    params = [SamplingParams(temperature=1.0)] * 3
+
+    def sample(seed: int) -> list[int]:
+        batch = SamplingBatch.from_lists(params, shared_generator=seeded_generator(seed))
+        return [Sampler()(logits, batch).token_ids for _ in range(4)]
+
+    assert sample(1) == sample(1) != sample(2)
