@@ -2,9 +2,9 @@
 
 A checkpoint tensor is a ``(base, role)`` pair: ``base`` names one weight (``layers.3.attention.wq_a``), ``role``
 says whether the tensor is that weight, its FP8 scale or its static activation scale, or one of the NVFP4
-triple (``weight_packed``, ``weight_scale``, ``weight_global_scale``) with its ``input_global_scale``. Each base maps to a
-``Destination``: a parameter of the model and the slice of it the tensor fills (fused gate/up halves, one expert of
-a stacked expert tensor) plus where its scale goes when the weight stays FP8.
+triple (``weight_packed``, ``weight_scale``, ``weight_global_scale``) with its ``input_global_scale``. Each base
+maps to a ``Destination``: a parameter of the model and the slice of it the tensor fills (fused gate/up halves,
+one expert of a stacked expert tensor) plus where its scale goes when the weight stays FP8.
 
 Vision tensors (``is_vision``) map into ``vision.*`` (model/vision.py) when the config has a vision tower. The
 vision q/k rows are kept in rotate-half rope order (transformers'); native files store them interleaved, so their
