@@ -313,6 +313,35 @@ class EngineConfig:
         )
 
 
+# generation_config.json keys that become default sampling parameters (vLLM's --generation-config auto), with the
+# range each must be in
+GENERATION_DEFAULTS = {
+    "temperature": (0.0, 2.0),
+    "top_p": (1e-9, 1.0),
+    "top_k": (-1, 1 << 31),
+    "min_p": (0.0, 1.0),
+    "repetition_penalty": (1e-9, 10.0),
+}
+
+
+def read_generation_config(model_dir: str | Path) -> dict[str, float]:
+    """The sampling defaults a checkpoint's ``generation_config.json`` carries (empty without one); a request's
+    own value always wins over them. Other keys (token ids, ``do_sample``, ``max_new_tokens``) are not used."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    data = _read_json(path)
+    out: dict[str, float] = {}
+    for key, (lo, hi) in GENERATION_DEFAULTS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+        _require(ok, f"generation_config.{key}", f"must be a number in [{lo}, {hi}], got {value!r}")
+        out[key] = int(value) if key == "top_k" else float(value)
+    return out
+
+
 def parse_bytes(text: str) -> int:
     """'2GiB', '512MiB', '1e9' -> bytes (for --kv-cache-memory)."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}

@@ -52,7 +52,7 @@ class ChatHandler:
         max_tokens = self.ctx.resolve_max_tokens(prompt_len, body.requested_max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         # control tokens ([THINK], [TOOL_CALLS], ...) stay in the text for the output parser; other specials never
-        params = body.sampling_params(max_tokens, logprobs, self.control_token_ids)
+        params = body.sampling_params(max_tokens, logprobs, self.control_token_ids, self.ctx.sampling_defaults)
         mask = await self._token_mask(body, rendered)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self.ctx.add(

@@ -64,7 +64,7 @@ class CompletionHandler:
             raise APIError(400, "at most 64 prompts per request", "prompt")
         longest = max(len(p) for p in prompts)
         max_tokens = self.ctx.resolve_max_tokens(longest, body.max_tokens)
-        params = body.sampling_params(max_tokens, body.logprobs)
+        params = body.sampling_params(max_tokens, body.logprobs, defaults=self.ctx.sampling_defaults)
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = []
         try:

@@ -31,8 +31,11 @@ class ServerContext:
         model_name: str,
         limits: ServerLimits,
         media_policy: MediaPolicy | None = None,
+        sampling_defaults: dict[str, float] | None = None,
     ) -> None:
         self.engine, self.tokenizer, self.model_name, self.limits = engine, tokenizer, model_name, limits
+        # generation_config.json's sampling values for fields a request leaves unset (--generation-config auto)
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.media_policy = media_policy or MediaPolicy()
         self.metrics = ServerMetrics(lambda: engine.stats)
         self.vocab_size = engine.engine.runner.config.text.vocab_size
