@@ -38,12 +38,13 @@ def release_hf_config(spec: TinySpec, fp8: bool) -> dict:
     cfg = hf_config(replace(spec, yarn_mscale=True), fp8)
     text = cfg["text_config"]
     rp = text.pop("rope_parameters")
-    text["rope_theta"] = rp["rope_theta"]
-    text["rope_scaling"] = {
+    text["rope_parameters"] = {  # no partial_rotary_factor: transformers derives it from the head dims
         "type": "yarn",
         "rope_type": "yarn",
+        "rope_theta": rp["rope_theta"],
         "factor": rp["factor"],
         "original_max_position_embeddings": rp["original_max_position_embeddings"],
+        "max_position_embeddings": rp["max_position_embeddings"],
         "beta_fast": rp["beta_fast"],
         "beta_slow": rp["beta_slow"],
         "mscale": 1.0,

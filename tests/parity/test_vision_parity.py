@@ -11,12 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import hf_config_of, native_text_to_hf, native_vision_to_hf, read_checkpoint, reference_model
 from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
 from mistral_common.protocol.instruct.messages import UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from PIL import Image
 
+from conftest import hf_config_of, native_text_to_hf, native_vision_to_hf, read_checkpoint, reference_model
 from small4.model.context import AttentionMetadata
 from small4.tokenizer import Tokenizer
 from small4.weights.loader import load_model
