@@ -12,6 +12,9 @@ from small4.server.protocol import CompletionRequest
 from small4.weights.tiny import make_tiny
 
 LAYOUTS = {
+    "mistral-bf16": ("mistral", "none"),
+    "hf-fp8": ("hf", "fp8"),
+    "mistral-fp8": ("mistral", "fp8"),
     "release-both-file-sets": ("release", "none"),
     "release-fp8-both-file-sets": ("release", "fp8"),
     "release-nvfp4": ("release", "nvfp4"),

@@ -117,3 +117,16 @@ def test_nvfp4_release_is_the_native_set_alone(tmp_path):
     assert native["layers.1.attention.wq_a.weight"][0] == torch.bfloat16
     model = load_model(d, dtype=torch.float32, progress=False)
     assert torch.isfinite(_logits(model)).all()
+
+
+def test_make_tiny_command_writes_the_release_and_quantised_layouts(tmp_path, capsys):
+    from small4.cli import main
+
+    assert main(["make-tiny", str(tmp_path / "r"), "--layout", "release"]) == 0
+    assert (tmp_path / "r" / "config.json").is_file() and (tmp_path / "r" / "params.json").is_file()
+    assert main(["make-tiny", str(tmp_path / "n"), "--layout", "mistral", "--quant", "nvfp4"]) == 0
+    assert json.loads((tmp_path / "n" / "params.json").read_text())["quantization_config"]["quant_method"] == (
+        "compressed-tensors"
+    )
+    assert main(["make-tiny", str(tmp_path / "b"), "--quant", "nvfp4"]) == 1  # NVFP4 tiny is native-layout only
+    assert "mistral layout" in capsys.readouterr().err
