@@ -10,16 +10,29 @@ from collections.abc import Callable
 def _make_tiny(args: argparse.Namespace) -> int:
     from small4.weights.tiny import make_tiny
 
-    out = make_tiny(args.out, layout=args.layout, fp8=args.fp8, seed=args.seed)
-    print(f"wrote a tiny {args.layout} checkpoint{' (fp8)' if args.fp8 else ''} to {out}")
+    quant = args.quant or ("fp8" if args.fp8 else "none")
+    out = make_tiny(args.out, layout=args.layout, quant=quant, seed=args.seed)
+    print(f"wrote a tiny {args.layout} checkpoint{f' ({quant})' if quant != 'none' else ''} to {out}")
     return 0
 
 
 def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the exact real layout")
     p.add_argument("out", help="output directory")
-    p.add_argument("--layout", choices=["hf", "mistral"], default="hf")
+    p.add_argument(
+        "--layout",
+        choices=["hf", "mistral", "release"],
+        default="hf",
+        help="release: the public release's exact spellings, config.json and params.json file sets side by side",
+    )
     p.add_argument("--fp8", action="store_true", help="store attention and expert weights as FP8 e4m3")
+    p.add_argument(
+        "--quant",
+        choices=["none", "fp8", "fp8-block", "nvfp4"],
+        default=None,
+        help="fp8-block: DeepSeek-style weight_block_size (hf layout); nvfp4: compressed-tensors NVFP4 routed "
+        "experts (mistral or release layout)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 

@@ -10,10 +10,15 @@ re-derives them and never branches on a literal shape.
 from __future__ import annotations
 
 import json
+import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+AttentionScaleMode = Literal["auto", "on", "off"]
 
 
 class ConfigError(ValueError):
@@ -34,8 +39,9 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 class RopeConfig:
     """YaRN rotary settings (``rope_type == "default"`` means plain RoPE; factor etc. unused then).
 
-    ``attention_factor`` multiplies cos/sin; ``mscale_all_dim`` (when non-zero) multiplies the softmax scale by
-    ``yarn_mscale(factor, mscale_all_dim) ** 2``: both exactly as transformers' Mistral4 reads them.
+    ``attention_factor`` multiplies cos/sin, as transformers' Mistral4 reads it. ``softmax_mscale`` is what
+    transformers multiplies the softmax scale by (``yarn_mscale(factor, mscale_all_dim) ** 2``); whether small4
+    applies it is ``TextConfig.yarn_softmax_mscale``, decided per checkpoint (see ``ModelConfig.from_dir``).
     """
 
     rope_type: Literal["yarn", "default"] = "yarn"
@@ -71,12 +77,20 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How linear weights are stored in the files. ``fp8``: e4m3 with per-tensor (or per-block) scales."""
+    """How linear weights are stored in the files.
 
-    method: Literal["none", "fp8"] = "none"
+    ``fp8``: e4m3 with per-tensor scales, or DeepSeek-style blocks of ``weight_block_size`` (rows, cols) when the
+    config gives one (the last block of a dimension that is not a multiple is partial). ``nvfp4``:
+    compressed-tensors ``nvfp4-pack-quantized`` (kernels/nvfp4.py); which tensors are NVFP4 is whatever the files
+    hold under ``weight_packed`` names, ``targets`` / ``modules_to_not_convert`` (its ``ignore``) are kept as
+    read. Input (activation) scales are read and checked but the activations stay BF16 (weight-only kernels).
+    """
+
+    method: Literal["none", "fp8", "nvfp4"] = "none"
     activation_scheme: Literal["static", "dynamic"] = "static"
     weight_block_size: tuple[int, int] | None = None
     modules_to_not_convert: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,9 @@ class TextConfig:
     max_position_embeddings: int = 1048576
     rope: RopeConfig = field(default_factory=RopeConfig)
     tie_word_embeddings: bool = False
+    # True: the softmax scale carries YaRN's mscale^2 (transformers' reading of mscale_all_dim); False: the plain
+    # 1/sqrt(qk_head_dim) that Mistral's params.json (yarn.apply_scale false), vLLM and SGLang use.
+    yarn_softmax_mscale: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 11
@@ -164,7 +181,7 @@ class TextConfig:
 
     @property
     def softmax_scale(self) -> float:
-        return self.qk_head_dim**-0.5 * self.rope.softmax_mscale
+        return self.qk_head_dim**-0.5 * (self.rope.softmax_mscale if self.yarn_softmax_mscale else 1.0)
 
 
 @dataclass(frozen=True)
@@ -175,14 +192,19 @@ class ModelConfig:
     layout: Literal["hf", "mistral"] = "hf"
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
-        """Reads ``config.json`` (HF) if present, else ``params.json`` (Mistral-native)."""
+    def from_dir(cls, model_dir: str | Path, attention_scale_mscale: AttentionScaleMode = "auto") -> ModelConfig:
+        """Reads ``config.json`` (HF) if present, else ``params.json`` (Mistral-native), then decides the softmax
+        scale once for the directory (``decide_attention_scale``) and logs it."""
         model_dir = Path(model_dir)
+        params_path = model_dir / "params.json"
+        params = _read_json(params_path) if params_path.is_file() else None
         if (model_dir / "config.json").is_file():
-            return cls.from_hf_dict(_read_json(model_dir / "config.json"))
-        if (model_dir / "params.json").is_file():
-            return cls.from_mistral_dict(_read_json(model_dir / "params.json"))
-        raise ConfigError(f"{model_dir}: neither config.json nor params.json found")
+            config = cls.from_hf_dict(_read_json(model_dir / "config.json"))
+        elif params is not None:
+            config = cls.from_mistral_dict(params)
+        else:
+            raise ConfigError(f"{model_dir}: neither config.json nor params.json found")
+        return decide_attention_scale(config, params, attention_scale_mscale)
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -195,6 +217,39 @@ class ModelConfig:
         from small4.config_mistral import parse_mistral_params
 
         return parse_mistral_params(params)
+
+
+def decide_attention_scale(
+    config: ModelConfig, params: dict[str, Any] | None, mode: AttentionScaleMode = "auto"
+) -> ModelConfig:
+    """One softmax scale whichever file describes the checkpoint.
+
+    ``auto``: the plain 1/sqrt(qk_head_dim) unless ``params.json`` (when the directory has one, even beside a
+    ``config.json``) says ``yarn.apply_scale: true``. ``config.json`` alone never turns the mscale^2 on, though
+    transformers (>= 5.23) reads ``mscale_all_dim: 1`` that way: Mistral's own flag for this model is
+    ``apply_scale: false`` and vLLM's native path and SGLang use the plain scale. ``on`` / ``off`` force it.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"attention scale mode must be auto, on or off, got {mode!r}")
+    text = config.text
+    if mode != "auto":
+        on, why = mode == "on", f"forced by --attention-scale-mscale {mode}"
+    elif params is not None and params.get("yarn"):
+        on = bool(params["yarn"].get("apply_scale", True))
+        why = f"params.json yarn.apply_scale: {str(on).lower()}"
+    elif params is not None:
+        on, why = False, "params.json has no yarn section"
+    else:
+        on, why = False, "config.json only: mistral4 follows Mistral's apply_scale false (transformers would not)"
+    text = replace(text, yarn_softmax_mscale=on)
+    log.info(
+        "attention softmax scale %.6f (%s YaRN mscale^2 = %.4f): %s",
+        text.softmax_scale,
+        "with" if on else "without",
+        text.rope.softmax_mscale,
+        why,
+    )
+    return replace(config, text=text)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -240,6 +295,7 @@ class EngineConfig:
     attn_impl: Literal["auto", "absorb", "naive"] = "auto"
     enforce_eager: bool = False  # no CUDA graphs for decode steps (they are captured only on a GPU anyway)
     seed: int = 0
+    attention_scale_mscale: AttentionScaleMode = "auto"  # see decide_attention_scale
 
     def __post_init__(self) -> None:
         _require(self.profile in PROFILES, "profile", f"must be one of {sorted(PROFILES)}")
@@ -252,6 +308,38 @@ class EngineConfig:
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
         _require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")
         _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
+        _require(
+            self.attention_scale_mscale in ("auto", "on", "off"), "attention_scale_mscale", "must be auto, on or off"
+        )
+
+
+# generation_config.json keys that become default sampling parameters (vLLM's --generation-config auto), with the
+# range each must be in
+GENERATION_DEFAULTS = {
+    "temperature": (0.0, 2.0),
+    "top_p": (1e-9, 1.0),
+    "top_k": (-1, 1 << 31),
+    "min_p": (0.0, 1.0),
+    "repetition_penalty": (1e-9, 10.0),
+}
+
+
+def read_generation_config(model_dir: str | Path) -> dict[str, float]:
+    """The sampling defaults a checkpoint's ``generation_config.json`` carries (empty without one); a request's
+    own value always wins over them. Other keys (token ids, ``do_sample``, ``max_new_tokens``) are not used."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    data = _read_json(path)
+    out: dict[str, float] = {}
+    for key, (lo, hi) in GENERATION_DEFAULTS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+        _require(ok, f"generation_config.{key}", f"must be a number in [{lo}, {hi}], got {value!r}")
+        out[key] = int(value) if key == "top_k" else float(value)
+    return out
 
 
 def parse_bytes(text: str) -> int:

@@ -1,4 +1,8 @@
-"""HF layout: ``config.json`` of ``Mistral3ForConditionalGeneration`` (or a bare ``mistral4`` text config)."""
+"""HF layout: ``config.json`` of ``Mistral3ForConditionalGeneration`` (or a bare ``mistral4`` text config).
+
+The softmax scale read from here is the plain one (``yarn_softmax_mscale`` False) whatever ``mscale_all_dim``
+says; ``ModelConfig.from_dir`` lets a ``params.json`` beside it, or the serve flag, decide otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,12 @@ from typing import Any
 from small4.config import (
     ConfigError,
     ModelConfig,
-    QuantConfig,
     RopeConfig,
     TextConfig,
     VisionConfig,
     _require,
 )
+from small4.config_quant import parse_quantization_config
 
 
 def parse_hf_config(cfg: dict[str, Any]) -> ModelConfig:
@@ -27,7 +31,7 @@ def parse_hf_config(cfg: dict[str, Any]) -> ModelConfig:
     else:
         raise ConfigError(f"config field 'model_type': expected 'mistral3' or 'mistral4', got {model_type!r}")
     text = _parse_text(text_cfg, tie)
-    quant = _parse_quant(cfg.get("quantization_config") or text_cfg.get("quantization_config"))
+    quant = parse_quantization_config(cfg.get("quantization_config") or text_cfg.get("quantization_config"))
     return ModelConfig(text=text, vision=vision, quant=quant, layout="hf")
 
 
@@ -141,20 +145,4 @@ def _parse_vision(v: dict[str, Any], top: dict[str, Any]) -> VisionConfig:
         image_token_id=top.get("image_token_index", top.get("image_token_id", 10)),
         projector_hidden_act=top.get("projector_hidden_act", "gelu"),
         projector_bias=bool(top.get("multimodal_projector_bias", False)),
-    )
-
-
-def _parse_quant(q: dict[str, Any] | None) -> QuantConfig:
-    if not q:
-        return QuantConfig()
-    method = q.get("quant_method")
-    _require(method == "fp8", "quantization_config.quant_method", f"only 'fp8' is supported, got {method!r}")
-    scheme = q.get("activation_scheme", "dynamic")
-    _require(scheme in ("static", "dynamic"), "quantization_config.activation_scheme", f"unknown {scheme!r}")
-    block = q.get("weight_block_size")
-    return QuantConfig(
-        method="fp8",
-        activation_scheme=scheme,
-        weight_block_size=tuple(block) if block else None,
-        modules_to_not_convert=tuple(q.get("modules_to_not_convert") or ()),
     )

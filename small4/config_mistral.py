@@ -13,6 +13,7 @@ from small4.config import (
     VisionConfig,
     _require,
 )
+from small4.config_quant import parse_native_quantization, parse_quantization_config
 
 
 def parse_mistral_params(p: dict[str, Any]) -> ModelConfig:
@@ -50,9 +51,19 @@ def parse_mistral_params(p: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=p.get("max_position_embeddings", p.get("max_seq_len", 1048576)),
         rope=_parse_rope(p),
         tie_word_embeddings=bool(p.get("tied_embeddings", False)),
+        yarn_softmax_mscale=bool((p.get("yarn") or {}).get("apply_scale", True)) if p.get("yarn") else False,
     )
     vision = _parse_vision(p["vision_encoder"]) if p.get("vision_encoder") else None
-    return ModelConfig(text=text, vision=vision, quant=_parse_quant(p.get("quantization")), layout="mistral")
+    return ModelConfig(text=text, vision=vision, quant=_parse_quant(p), layout="mistral")
+
+
+def _parse_quant(p: dict[str, Any]) -> QuantConfig:
+    """``quantization`` (Mistral's FP8) or ``quantization_config`` (compressed-tensors, the NVFP4 release)."""
+    if p.get("quantization") and p.get("quantization_config"):
+        raise ConfigError("params.json: both 'quantization' and 'quantization_config' are set")
+    if p.get("quantization_config"):
+        return parse_quantization_config(p["quantization_config"])
+    return parse_native_quantization(p.get("quantization"))
 
 
 def _parse_rope(p: dict[str, Any]) -> RopeConfig:
@@ -69,7 +80,6 @@ def _parse_rope(p: dict[str, Any]) -> RopeConfig:
             llama4_beta=float(l4.get("beta", 0.0)),
             llama4_original_max_position_embeddings=int(l4.get("original_max_position_embeddings", 8192)),
         )
-    apply_scale = bool(yarn.get("apply_scale", True))
     orig = int(yarn.get("original_max_position_embeddings", 8192))
     return RopeConfig(
         rope_type="yarn",
@@ -78,10 +88,10 @@ def _parse_rope(p: dict[str, Any]) -> RopeConfig:
         original_max_position_embeddings=orig,
         beta_fast=float(yarn.get("beta", 32.0)),
         beta_slow=float(yarn.get("alpha", 1.0)),
-        # apply_scale false: neither the cos/sin factor nor the softmax mscale (vLLM's reading of the flag).
-        mscale=1.0 if apply_scale else 0.0,
-        mscale_all_dim=1.0 if apply_scale else 0.0,
-        attention_factor=None if apply_scale else 1.0,
+        # mscale = mscale_all_dim = 1 (vLLM's mapping): cos/sin unscaled; yarn.apply_scale only decides whether
+        # the softmax scale carries mscale^2 (TextConfig.yarn_softmax_mscale).
+        mscale=1.0,
+        mscale_all_dim=1.0,
         interleave=True,
         llama4_beta=float(l4.get("beta", 0.0)),
         llama4_original_max_position_embeddings=int(l4.get("original_max_position_embeddings", orig)),
@@ -105,14 +115,3 @@ def _parse_vision(v: dict[str, Any]) -> VisionConfig:
         image_token_id=v.get("image_token_id", 10),
         projector_bias=bool(v.get("adapter_bias", False)),
     )
-
-
-def _parse_quant(q: dict[str, Any] | None) -> QuantConfig:
-    if not q:
-        return QuantConfig()
-    fmt = q.get("qformat_weight")
-    if fmt != "fp8_e4m3":
-        raise ConfigError(f"config field 'quantization.qformat_weight': only 'fp8_e4m3' is supported, got {fmt!r}")
-    scheme = q.get("qscheme_act", "TENSOR")
-    _require(scheme == "TENSOR", "quantization.qscheme_act", f"only 'TENSOR' is supported, got {scheme!r}")
-    return QuantConfig(method="fp8", activation_scheme="static")

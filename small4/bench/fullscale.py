@@ -564,6 +564,9 @@ def build_reference(bench: Bench) -> Any:
     cfg = Mistral4Config(**text_cfg)
     with _default_dtype(bench.runner.dtype), torch.device(bench.device):
         hf = Mistral4ForCausalLM(cfg).eval()
+    for module in hf.modules():  # small4's softmax scale (transformers reads mscale_all_dim differently: README)
+        if hasattr(module, "scaling") and hasattr(module, "qk_head_dim"):
+            module.scaling = bench.runner.config.text.softmax_scale
     mapper, modules = NameMapper(bench.runner.config), dict(bench.model.named_modules())
     with torch.no_grad():
         for name, tensor in hf.state_dict().items():

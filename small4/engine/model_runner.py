@@ -84,7 +84,13 @@ class ModelRunner:
         self.engine_cfg = engine_cfg
         self.device = resolve_device(engine_cfg.device)
         self.dtype = resolve_dtype(engine_cfg.dtype, self.device)
-        self.model: Mistral4Model = load_model(model_dir, dtype=self.dtype, device=self.device, progress=False)
+        self.model: Mistral4Model = load_model(
+            model_dir,
+            dtype=self.dtype,
+            device=self.device,
+            progress=False,
+            attention_scale_mscale=engine_cfg.attention_scale_mscale,
+        )
         self._setup()
 
     @classmethod

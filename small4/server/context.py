@@ -98,8 +98,11 @@ class ServerContext:
         model_name: str,
         limits: ServerLimits,
         media_policy: MediaPolicy | None = None,
+        sampling_defaults: dict[str, float] | None = None,
     ) -> None:
         self.engine, self.tokenizer, self.model_name, self.limits = engine, tokenizer, model_name, limits
+        # generation_config.json's sampling values for fields a request leaves unset (--generation-config auto)
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.media_policy = media_policy or MediaPolicy()
         self.metrics = ServerMetrics(lambda: engine.stats)
         self.vocab_size = engine.engine.runner.config.text.vocab_size
@@ -148,16 +151,17 @@ class ServerContext:
             if bad:
                 raise APIError(400, f"{name}: {rule}, got {bad[0]}", name)
 
-    @staticmethod
     def sampling_params(
+        self,
         body: ChatCompletionRequest | CompletionRequest,
         max_tokens: int,
         logprobs: int | None,
         kept_special_token_ids: tuple[int, ...] = (),
     ) -> SamplingParams:
-        """The request's ``SamplingParams``; their own validation, a backstop behind protocol.py, is a 400 too."""
+        """The request's ``SamplingParams`` (generation_config.json's defaults for the fields it leaves unset); their
+        own validation, a backstop behind protocol.py, is a 400 too."""
         try:
-            return body.sampling_params(max_tokens, logprobs, kept_special_token_ids)
+            return body.sampling_params(max_tokens, logprobs, kept_special_token_ids, self.sampling_defaults)
         except ValueError as e:
             raise APIError(400, str(e)) from e
 

@@ -12,6 +12,7 @@ max_model_len) is checked by ``ServerContext`` before any rendering. A value out
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -110,17 +111,27 @@ class _SamplingFields(_Strict):
         }
 
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, kept_special_token_ids: tuple[int, ...] = ()
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        kept_special_token_ids: tuple[int, ...] = (),
+        defaults: Mapping[str, float] | None = None,
     ) -> SamplingParams:
+        """``defaults``: the model's generation_config.json values, for the fields this request left unset."""
+        d = defaults or {}
+
+        def pick(value: float | None, name: str, fallback: float) -> float:
+            return value if value is not None else d.get(name, fallback)
+
         return SamplingParams(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
+            temperature=pick(self.temperature, "temperature", 1.0),
+            top_p=pick(self.top_p, "top_p", 1.0),
+            top_k=int(pick(self.top_k, "top_k", 0)),
+            min_p=pick(self.min_p, "min_p", 0.0),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty or 1.0,
+            repetition_penalty=pick(self.repetition_penalty, "repetition_penalty", 1.0),
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             seed=self.seed,
             stop=tuple(self.stop or ()),

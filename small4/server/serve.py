@@ -12,7 +12,7 @@ from pathlib import Path
 import uvicorn
 
 from small4.chat.media import MediaPolicy, parse_allowed_domains
-from small4.config import EngineConfig, parse_bytes
+from small4.config import EngineConfig, parse_bytes, read_generation_config
 from small4.engine.async_engine import AsyncEngine
 from small4.server.app import AppOptions, build_app
 from small4.server.context import ServerContext, ServerLimits
@@ -59,6 +59,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", type=int, default=MediaPolicy.max_pixels)
     p.add_argument("--max-request-image-pixels", type=int, default=MediaPolicy.max_total_pixels)
     p.add_argument("--media-fetch-timeout", type=float, default=10.0)
+    p.add_argument(
+        "--attention-scale-mscale",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="YaRN mscale^2 in the softmax scale: auto = only if params.json says yarn.apply_scale true; "
+        "on = transformers' reading of mscale_all_dim; off = plain 1/sqrt(qk_head_dim)",
+    )
+    p.add_argument(
+        "--generation-config",
+        choices=["auto", "ignore"],
+        default="auto",
+        help="auto: the model's generation_config.json gives the default sampling parameters; ignore: it does not",
+    )
 
 
 def build_from_args(args: argparse.Namespace):
@@ -79,8 +92,12 @@ def build_from_args(args: argparse.Namespace):
         kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
         seed=args.seed,
+        attention_scale_mscale=args.attention_scale_mscale,
     )
     engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
+    defaults = read_generation_config(model_dir) if args.generation_config == "auto" else {}
+    if defaults:
+        log.info("default sampling parameters from generation_config.json: %s", defaults)
     name = args.served_model_name or ("small4-tiny" if not args.model else model_dir.name)
     limits = ServerLimits(
         max_model_len=engine.engine.max_model_len,
@@ -98,7 +115,7 @@ def build_from_args(args: argparse.Namespace):
         max_total_pixels=args.max_request_image_pixels,
         fetch_timeout_s=args.media_fetch_timeout,
     )
-    ctx = ServerContext(engine, Tokenizer.from_file(model_dir), name, limits, media)
+    ctx = ServerContext(engine, Tokenizer.from_file(model_dir), name, limits, media, sampling_defaults=defaults)
     return build_app(ctx, AppOptions(api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout)), ctx
 
 

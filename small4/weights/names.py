@@ -1,9 +1,10 @@
 """Checkpoint tensor names -> where they land in small4's model, for both layouts.
 
 A checkpoint tensor is a ``(base, role)`` pair: ``base`` names one weight (``layers.3.attention.wq_a``), ``role``
-says whether the tensor is that weight, its FP8 scale or its static activation scale. Each base maps to a
-``Destination``: a parameter of the model and the slice of it the tensor fills (fused gate/up halves, one expert of
-a stacked expert tensor) plus where its scale goes when the weight stays FP8.
+says whether the tensor is that weight, its FP8 scale or its static activation scale, or one of the NVFP4
+triple (``weight_packed``, ``weight_scale``, ``weight_global_scale``) with its ``input_global_scale``. Each base
+maps to a ``Destination``: a parameter of the model and the slice of it the tensor fills (fused gate/up halves,
+one expert of a stacked expert tensor) plus where its scale goes when the weight stays FP8.
 
 Vision tensors (``is_vision``) map into ``vision.*`` (model/vision.py) when the config has a vision tower. The
 vision q/k rows are kept in rotate-half rope order (transformers'); native files store them interleaved, so their
@@ -32,8 +33,12 @@ VISION_PREFIXES = (
 )
 
 _ROLE_SUFFIXES = (
-    # (suffix, role); longest first so "weight_scale_inv" wins over "weight"
+    # (suffix, role); longest first so "weight_scale_inv" wins over "weight_scale" and "weight"
+    (".weight_packed", "packed"),  # NVFP4 (compressed-tensors): two E2M1 values per byte
+    (".weight_global_scale", "global_scale"),  # NVFP4: the per-tensor divisor
+    (".input_global_scale", "input_global_scale"),  # NVFP4: the activations' divisor (W4A4 kernels only)
     (".weight_scale_inv", "scale"),
+    (".weight_scale", "block_scale"),  # NVFP4: one E4M3 scale per 16 values
     (".qscale_weight", "scale"),
     (".activation_scale", "input_scale"),
     (".input_scale", "input_scale"),

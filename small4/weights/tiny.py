@@ -57,6 +57,7 @@ class TinySpec:
 
 
 Layout = Literal["hf", "mistral"]
+Quant = Literal["none", "fp8", "fp8-block", "nvfp4"]
 
 
 def hf_config(spec: TinySpec, fp8: bool) -> dict:
@@ -422,22 +423,50 @@ def write_shards(sd: dict[str, torch.Tensor], out: Path, layout: Layout, num_sha
 
 def make_tiny(
     out: str | Path,
-    layout: Layout = "hf",
+    layout: Layout | Literal["release"] = "hf",
     fp8: bool = False,
     seed: int = 0,
     spec: TinySpec | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    quant: Quant | None = None,
 ) -> Path:
-    """Writes a complete tiny checkpoint directory and returns its path."""
-    spec = spec or TinySpec()
+    """Writes a complete tiny checkpoint directory and returns its path.
+
+    ``quant`` (``fp8=True`` is ``quant="fp8"``): ``fp8`` per-tensor, ``fp8-block`` DeepSeek-style blocks of
+    ``tiny_quant.TINY_FP8_BLOCK`` (HF layout), ``nvfp4`` compressed-tensors over the routed experts (native
+    layout). ``layout="release"``: the public release's spellings, both file sets in one directory (see
+    tiny_release.py; NVFP4: the native set alone), with a generation_config.json; its spec defaults to
+    ``RELEASE_SPEC`` (1,048,576 positions)."""
+    from small4.weights import tiny_quant, tiny_release
+
+    quant = quant or ("fp8" if fp8 else "none")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if layout == "release":
+        spec = spec or tiny_release.RELEASE_SPEC
+        tiny_release.make_release(out, quant, seed, spec, dtype)
+        (out / "generation_config.json").write_text(json.dumps(tiny_release.GENERATION_CONFIG, indent=2))
+        write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks)
+        return out
+    if (quant == "fp8-block" and layout != "hf") or (quant == "nvfp4" and layout != "mistral"):
+        raise ValueError(
+            f"{quant} tiny checkpoints are written in the {'hf' if quant == 'fp8-block' else 'mistral'} layout"
+        )
+    spec = spec or TinySpec()
     sd = {k: v.to(dtype) for k, v in random_hf_state_dict(spec, seed).items()}
     if layout == "mistral":
         sd = hf_to_native(sd, spec)
-    if fp8:
+    if quant == "fp8":
         sd = _quantize_state_dict(sd, layout)
-    config = hf_config(spec, fp8) if layout == "hf" else mistral_params(spec, fp8)
+    elif quant == "fp8-block":
+        sd = tiny_quant.quantize_fp8_block_state_dict(sd, tiny_quant.TINY_FP8_BLOCK)
+    elif quant == "nvfp4":
+        sd = tiny_quant.quantize_nvfp4_state_dict(sd)
+    config = hf_config(spec, quant == "fp8") if layout == "hf" else mistral_params(spec, quant == "fp8")
+    if quant == "fp8-block":
+        config["quantization_config"] = tiny_quant.fp8_block_quantization_config(tiny_quant.TINY_FP8_BLOCK)
+    elif quant == "nvfp4":
+        config["quantization_config"] = tiny_quant.nvfp4_quantization_config()
     (out / ("config.json" if layout == "hf" else "params.json")).write_text(json.dumps(config, indent=2))
     write_shards(sd, out, layout)
     write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks)

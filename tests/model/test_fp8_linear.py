@@ -219,7 +219,11 @@ SPEC = TinySpec(num_layers=2, num_experts=4, num_bpe_ranks=300)  # every attenti
 @torch.no_grad()
 def test_tiny_model_logits_fast_vs_reference(tmp_path, monkeypatch):
     model_dir = make_tiny(tmp_path, layout="hf", fp8=True, spec=SPEC)
-    model = load_model(model_dir, torch.float32, keep_fp8=True, progress=False)
+    # The twin bound holds while no activation lands on an e4m3 rounding tie, where float32 noise between the two
+    # matmuls flips one rounding: with the plain softmax scale (small4's reading of config.json since issue 11) one
+    # of these 40 tokens does (fast vs twin 2.7e-3, routing identical); the mscale^2 scale this test was measured
+    # with does not (2.9e-6). A fragility of the fast-vs-twin comparison, not of the scale: kept on the old scale.
+    model = load_model(model_dir, torch.float32, keep_fp8=True, progress=False, attention_scale_mscale="on")
     runs = _three_runs(model, monkeypatch)
     for layer in model.layers:
         attn, shared = layer.self_attn, layer.mlp.shared_experts

@@ -13,15 +13,24 @@ from small4.model.context import AttentionMetadata
 from small4.model.mistral4 import Mistral4Model
 
 
-def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(model_dir: Path, pattern: str = "*.safetensors") -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
+    for shard in sorted(model_dir.glob(pattern)):
         sd.update(load_file(str(shard)))
     return sd
 
 
-def dequantize_for_reference(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Independent FP8 reading for the oracle: stored value times its scale, scales broadcast per half/expert."""
+def _block_expand(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int]) -> torch.Tensor:
+    """Each scale entry covers a block[0] x block[1] tile; the last tile of a dim may be partial."""
+    s = scale.float().repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
+    return s[..., : shape[-2], : shape[-1]]
+
+
+def dequantize_for_reference(
+    sd: dict[str, torch.Tensor], block: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Independent FP8 reading for the oracle: stored value times its scale, scales broadcast per half/expert, or
+    per ``block`` tile (the config's weight_block_size) for block-scaled checkpoints."""
     out = {}
     for name, t in sd.items():
         if name.endswith(("_scale_inv", ".activation_scale", "_activation_scale", ".qscale_weight", ".qscale_act")):
@@ -32,11 +41,62 @@ def dequantize_for_reference(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         if name.endswith(".weight"):
             base = name[: -len(".weight")]
             scale = sd.get(base + ".weight_scale_inv", sd.get(base + ".qscale_weight"))
-            out[name] = t.float() * scale.float()
+            out[name] = t.float() * (_block_expand(scale, t.shape, block) if block else scale.float())
+        elif block:  # fused experts [E, R, H] with block scales [E, R/b0, H/b1]
+            out[name] = t.float() * _block_expand(sd[name + "_scale_inv"], t.shape, block)
         else:  # fused experts [E, R, H] with scales [E, halves, 1]
             scale = sd[name + "_scale_inv"].float()
             rows = t.shape[1] // scale.shape[1]
             out[name] = t.float() * scale.repeat_interleave(rows, dim=1)
+    return out
+
+
+_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def dequantize_nvfp4_for_reference(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Independent NVFP4 reading (compressed-tensors' definition, written apart from small4/kernels/nvfp4.py):
+    byte j holds values 2j (low nibble) and 2j+1 (high nibble); value = e2m1 * group scale / global scale."""
+    out = {}
+    table = torch.tensor(_E2M1)
+    for name, t in sd.items():
+        if name.endswith((".weight_scale", ".weight_global_scale", ".input_global_scale")):
+            continue
+        if not name.endswith(".weight_packed"):
+            out[name] = t.float()
+            continue
+        base = name[: -len(".weight_packed")]
+        rows, half = t.shape
+        codes = torch.empty(rows, 2 * half, dtype=torch.long)
+        codes[:, 0::2], codes[:, 1::2] = (t & 0xF).long(), (t >> 4).long()
+        scale = sd[base + ".weight_scale"].float().repeat_interleave(16, dim=1)
+        out[base + ".weight"] = table[codes] * scale / sd[base + ".weight_global_scale"].float()
+    return out
+
+
+def plain_softmax_scale(reference) -> None:
+    """Sets transformers' attention to the plain 1/sqrt(qk_head_dim) softmax scale. transformers >= 5.23 multiplies
+    it by YaRN's mscale^2 whenever mscale_all_dim is set; small4 does that only when params.json says
+    yarn.apply_scale true (or --attention-scale-mscale on), following Mistral, vLLM's native path and SGLang."""
+    for layer in reference.model.language_model.layers:
+        layer.self_attn.scaling = layer.self_attn.qk_head_dim**-0.5
+
+
+def release_hf_to_current(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The release's older transformers names -> today's (what Mistral3ForConditionalGeneration declares)."""
+    renames = (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    )
+    out = {}
+    for name, t in sd.items():
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        out[name] = t
     return out
 
 

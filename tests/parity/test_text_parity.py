@@ -1,8 +1,14 @@
 """small4's decoder against transformers' Mistral3ForConditionalGeneration on the same random weights.
 
-Covers both layouts, BF16 and FP8 files, q_lora_rank set and null, YaRN mscale on and off, prompts that cross
-the YaRN/llama-4 base length (32 tokens in the tiny configs), expanded vs absorbed attention, and 32-step greedy
-continuations through the paged latent cache.
+Covers both layouts and the release's (both file sets in one directory), BF16, FP8, block-scaled FP8 and NVFP4
+files, q_lora_rank set and null, YaRN mscale on and off, prompts that cross the YaRN/llama-4 base length (32 tokens
+in the tiny configs), expanded vs absorbed attention, and 32-step greedy continuations through the paged cache.
+
+The softmax scale: small4 multiplies it by YaRN's mscale^2 only when params.json says yarn.apply_scale true (or
+--attention-scale-mscale on); transformers 5.23 does whenever mscale_all_dim is set. Where small4 uses the plain
+scale and the reference config has mscale_all_dim, the reference's attention is set to the plain scale
+(``plain_softmax_scale``); the cases where small4 applies mscale^2 ("apply-scale", "forced-on", the NVFP4 case
+whose params.json says apply_scale true) run against the reference as transformers builds it.
 """
 
 from __future__ import annotations
@@ -16,35 +22,54 @@ import torch
 from conftest import (
     PagedGreedy,
     dequantize_for_reference,
+    dequantize_nvfp4_for_reference,
     hf_config_of,
     native_text_to_hf,
+    plain_softmax_scale,
     read_checkpoint,
     reference_model,
+    release_hf_to_current,
 )
 from small4.model.context import AttentionMetadata
 from small4.weights.loader import load_model
 from small4.weights.tiny import TinySpec, hf_config, make_tiny
+from small4.weights.tiny_quant import TINY_FP8_BLOCK
+from small4.weights.tiny_release import RELEASE_SPEC
 
+# name: (layout, quant, spec, small4's --attention-scale-mscale, whether small4 then applies YaRN's mscale^2)
 CASES = {
-    "hf-bf16-mscale": ("hf", False, TinySpec()),
-    "hf-bf16-no-qlora-no-mscale": ("hf", False, TinySpec(q_lora_rank=None, yarn_mscale=False)),
-    "hf-fp8": ("hf", True, TinySpec()),
-    "mistral-bf16-apply-scale": ("mistral", False, TinySpec()),
-    "mistral-bf16-no-apply-scale": ("mistral", False, TinySpec(yarn_mscale=False)),
-    "mistral-fp8-no-qlora": ("mistral", True, TinySpec(q_lora_rank=None, yarn_mscale=False)),
+    "hf-bf16-mscale": ("hf", "none", TinySpec(), "auto", False),
+    "hf-bf16-mscale-forced-on": ("hf", "none", TinySpec(), "on", True),
+    "hf-bf16-no-qlora-no-mscale": ("hf", "none", TinySpec(q_lora_rank=None, yarn_mscale=False), "auto", False),
+    "hf-fp8": ("hf", "fp8", TinySpec(), "auto", False),
+    "hf-fp8-block": ("hf", "fp8-block", TinySpec(), "auto", False),
+    "mistral-bf16-apply-scale": ("mistral", "none", TinySpec(), "auto", True),
+    "mistral-bf16-no-apply-scale": ("mistral", "none", TinySpec(yarn_mscale=False), "auto", False),
+    "mistral-fp8-no-qlora": ("mistral", "fp8", TinySpec(q_lora_rank=None, yarn_mscale=False), "auto", False),
+    "mistral-nvfp4-apply-scale": ("mistral", "nvfp4", TinySpec(), "auto", True),
+    "release-fp8-both-files": ("release", "fp8", RELEASE_SPEC, "auto", False),
 }
 PROMPT_LEN = 80  # crosses the 32-token YaRN / llama-4 base length twice
 
 
-def _reference_for(model_dir, layout: str, fp8: bool, spec: TinySpec):
-    if layout == "hf" and not fp8:
+def _reference_state_dict(model_dir, layout: str, quant: str, spec: TinySpec) -> dict[str, torch.Tensor]:
+    if layout == "release":  # the HF file set alone, read independently of small4's name mapping
+        sd = dequantize_for_reference(read_checkpoint(model_dir, "model-*.safetensors"))
+        return release_hf_to_current(sd)
+    if quant == "nvfp4":
+        sd = dequantize_nvfp4_for_reference(read_checkpoint(model_dir))
+    else:
+        sd = dequantize_for_reference(read_checkpoint(model_dir), TINY_FP8_BLOCK if quant == "fp8-block" else None)
+    return native_text_to_hf(sd, spec.num_layers, spec.num_experts) if layout == "mistral" else sd
+
+
+def _reference_for(model_dir, layout: str, quant: str, spec: TinySpec):
+    if layout == "hf" and quant == "none":
         from transformers import Mistral3ForConditionalGeneration
 
         return Mistral3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    sd = dequantize_for_reference(read_checkpoint(model_dir))
-    if layout == "mistral":
-        sd = native_text_to_hf(sd, spec.num_layers, spec.num_experts)
-    cfg = hf_config_of(model_dir) if layout == "hf" else hf_config(spec, fp8=False)
+    sd = _reference_state_dict(model_dir, layout, quant, spec)
+    cfg = hf_config(spec, fp8=False) if layout == "mistral" else hf_config_of(model_dir)
     return reference_model(
         cfg,
         {k: v for k, v in sd.items() if not k.startswith("model.vision") and not k.startswith("model.multi_modal")},
@@ -53,10 +78,14 @@ def _reference_for(model_dir, layout: str, fp8: bool, spec: TinySpec):
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    layout, fp8, spec = CASES[request.param]
-    model_dir = make_tiny(tmp_path_factory.mktemp(request.param), layout=layout, fp8=fp8, seed=7, spec=spec)
-    ours = load_model(model_dir, dtype=torch.float32, progress=False)
-    return ours, _reference_for(model_dir, layout, fp8, spec), spec
+    layout, quant, spec, mode, mscale = CASES[request.param]
+    model_dir = make_tiny(tmp_path_factory.mktemp(request.param), layout=layout, quant=quant, seed=7, spec=spec)
+    ours = load_model(model_dir, dtype=torch.float32, progress=False, attention_scale_mscale=mode)
+    assert ours.config.text.yarn_softmax_mscale is mscale
+    ref = _reference_for(model_dir, layout, quant, spec)
+    if not mscale:
+        plain_softmax_scale(ref)
+    return ours, ref, spec
 
 
 def _prompt(spec: TinySpec, n: int = PROMPT_LEN, seed: int = 1) -> torch.Tensor:

@@ -16,7 +16,14 @@ from mistral_common.protocol.instruct.messages import UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from PIL import Image
 
-from conftest import hf_config_of, native_text_to_hf, native_vision_to_hf, read_checkpoint, reference_model
+from conftest import (
+    hf_config_of,
+    native_text_to_hf,
+    native_vision_to_hf,
+    plain_softmax_scale,
+    read_checkpoint,
+    reference_model,
+)
 from small4.model.context import AttentionMetadata
 from small4.tokenizer import Tokenizer
 from small4.weights.loader import load_model
@@ -54,6 +61,9 @@ def models(request, tmp_path_factory):
 
         ref = Mistral3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
         assert hf_config_of(model_dir)["vision_feature_layer"] == -1
+        # config.json only: small4 uses the plain softmax scale where transformers multiplies by mscale^2
+        assert not ours.config.text.yarn_softmax_mscale
+        plain_softmax_scale(ref)
     else:
         sd = {k: v.float() for k, v in read_checkpoint(model_dir).items()}
         hf_sd = native_text_to_hf(sd, SPEC.num_layers, SPEC.num_experts)
