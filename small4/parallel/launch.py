@@ -1,0 +1,132 @@
+"""Rank 0's side of a parallel run on one machine: start the worker processes, join them, load, watch, stop.
+
+Workers are plain subprocesses (``python -m small4.parallel.worker``) told their rank through the environment,
+as torchrun would: nothing is pickled to start them (torch.multiprocessing's spawn would pickle its arguments).
+What to load arrives as a JSON "load" message, so one session can load several checkpoints in turn (the tests
+do). A watchdog thread ends this process, with a log line naming the rank and exit code, as soon as any worker
+dies: rank 0 would otherwise wait in a collective until its timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from small4.config import EngineConfig
+from small4.engine.model_runner import resolve_device
+from small4.parallel.channel import send_json
+from small4.parallel.config import ParallelConfig
+from small4.parallel.runner import DriverRunner, build_rank
+from small4.parallel.state import Dist, close_distributed, init_distributed
+
+log = logging.getLogger(__name__)
+
+WORKER_EXIT_CODE = 3  # what this process exits with when a worker died under it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_message(model_dir: Path, engine_cfg: EngineConfig, parallel: ParallelConfig, keep_fp8: bool) -> dict:
+    return {
+        "op": "load",
+        "model": str(model_dir),
+        "engine": asdict(engine_cfg),
+        "parallel": parallel.to_json(),
+        "keep_fp8": keep_fp8,
+    }
+
+
+def _exit_on_worker_death(rank: int, code: int) -> None:
+    """A rank is gone, so no further step can run: end the server now, not at the next collective's timeout."""
+    log.error("rank %d is gone: shutting down (exit code %d)", rank, WORKER_EXIT_CODE)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(WORKER_EXIT_CODE)
+
+
+class ParallelSession:
+    """``world_size`` ranks on this machine: this process is rank 0, the others are worker subprocesses."""
+
+    def __init__(
+        self,
+        world_size: int,
+        device: str = "auto",
+        worker_args: list[list[str]] | None = None,
+        on_worker_exit: Callable[[int, int], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """``worker_args``: extra command-line arguments per worker; ``on_worker_exit(rank, code)``: what to do when
+        a worker dies before ``close`` (default: log it and exit this process with ``WORKER_EXIT_CODE``)."""
+        self.world_size = world_size
+        self.on_worker_exit = on_worker_exit or _exit_on_worker_death
+        self.stopping = False
+        self.runner: DriverRunner | None = None
+        port = free_port()
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size)}
+        if timeout_s is not None:
+            env["SMALL4_DIST_TIMEOUT"] = str(timeout_s)
+        self.workers: list[subprocess.Popen] = []
+        for rank in range(1, world_size):
+            extra = worker_args[rank - 1] if worker_args else []
+            cmd = [sys.executable, "-m", "small4.parallel.worker", "--device", device, *extra]
+            self.workers.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+        self._watchdog = threading.Thread(target=self._watch, name="small4-worker-watchdog", daemon=True)
+        self._watchdog.start()
+        self.dist: Dist = init_distributed(resolve_device(device), 0, world_size, ("127.0.0.1", port), timeout_s)
+
+    def _watch(self) -> None:
+        while not self.stopping:
+            for rank, proc in enumerate(self.workers, start=1):
+                code = proc.poll()
+                if code is not None and not self.stopping:
+                    self.stopping = True
+                    log.error("worker rank %d (pid %d) exited with code %d", rank, proc.pid, code)
+                    self.on_worker_exit(rank, code)
+                    return
+            threading.Event().wait(0.2)
+
+    def load(
+        self, model_dir: str | Path, engine_cfg: EngineConfig, parallel: ParallelConfig, keep_fp8: bool = False
+    ) -> DriverRunner:
+        """Every rank loads its shard of ``model_dir``; returns rank 0's runner (the engine's)."""
+        if parallel.world_size != self.world_size:
+            raise ValueError(f"the split needs {parallel.world_size} ranks, the session has {self.world_size}")
+        self.runner = None
+        send_json(self.dist, load_message(Path(model_dir), engine_cfg, parallel, keep_fp8))
+        self.runner = build_rank(model_dir, engine_cfg, parallel, self.dist, keep_fp8=keep_fp8)
+        return self.runner
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops the workers (a "stop" message, then a wait, then kill) and leaves the process group."""
+        if self.stopping:
+            return
+        self.stopping = True
+        try:
+            send_json(self.dist, {"op": "stop"})
+        except RuntimeError as e:  # a worker already gone: the others see the error and exit too
+            log.warning("could not tell the workers to stop: %s", e)
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.error("worker pid %d did not stop within %.0f s: killed", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+        close_distributed()
+
+    def __enter__(self) -> ParallelSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
