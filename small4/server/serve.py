@@ -45,6 +45,35 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-bytes", type=parse_bytes, default=10 * 1024 * 1024)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
     p.add_argument("--media-fetch-timeout", type=float, default=10.0)
+    add_parallel_arguments(p)
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (one process per rank on this machine; rank 0 serves the API)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks that split heads and vocab")
+    g.add_argument("--enable-expert-parallel", action="store_true", help="partition the routed experts over the ranks")
+    g.add_argument("--expert-parallel-size", type=int, default=None, help="experts over N ranks, attention replicated")
+    g.add_argument("--data-parallel-attention", action="store_true", help="not supported yet")
+    for flag in ("--nnodes", "--node-rank"):
+        g.add_argument(flag, type=int, default=None, help="multi-node: not supported yet")
+    for flag in ("--master-addr", "--master-port"):
+        g.add_argument(flag, default=None, help="multi-node: not supported yet")
+
+
+def parallel_config(args: argparse.Namespace):
+    """The split asked for, or None for one process; flags that are not built yet are refused here, by name."""
+    from small4.parallel.config import ParallelConfig
+
+    if args.data_parallel_attention:
+        raise ValueError("--data-parallel-attention is not supported yet (the latent cache is replicated per rank)")
+    if any(getattr(args, f) is not None for f in ("nnodes", "node_rank", "master_addr", "master_port")):
+        raise ValueError("multi-node serving (--nnodes/--node-rank/--master-addr/--master-port) is not supported yet")
+    tp = args.tensor_parallel_size
+    ep = args.expert_parallel_size or (tp if args.enable_expert_parallel else 1)
+    if args.enable_expert_parallel and tp == 1 and args.expert_parallel_size is None:
+        raise ValueError("--enable-expert-parallel needs --tensor-parallel-size > 1 (or --expert-parallel-size)")
+    parallel = ParallelConfig(tp, ep)
+    return parallel if parallel.world_size > 1 else None
 
 
 def build_from_args(args: argparse.Namespace):
@@ -65,7 +94,13 @@ def build_from_args(args: argparse.Namespace):
         kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
     )
-    engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
+    parallel = parallel_config(args)
+    if parallel is None:
+        engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
+    else:  # the API process is rank 0 and starts the other ranks
+        from small4.parallel.serving import parallel_async_engine
+
+        engine = parallel_async_engine(model_dir, engine_cfg, parallel)
     name = args.served_model_name or ("small4-tiny" if not args.model else model_dir.name)
     limits = ServerLimits(
         max_model_len=engine.engine.max_model_len, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes
