@@ -1,4 +1,4 @@
-"""small4 command line: make-tiny | generate | bench (serve comes with the server)."""
+"""small4 command line: make-tiny | generate | serve | plan | bench | demo | train-demo."""
 
 from __future__ import annotations
 
@@ -70,6 +70,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=serve)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from small4.parallel.memory import add_parser
+
+    add_parser(sub)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="serve the embedded tiny model and talk to it with the openai client")
     p.set_defaults(func=lambda _: __import__("small4.demo", fromlist=["main"]).main())
@@ -85,6 +91,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_make_tiny,
     _add_generate,
     _add_serve,
+    _add_plan,
     _add_bench,
     _add_demo,
     _add_train_demo,
