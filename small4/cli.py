@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that start copies of themselves
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
