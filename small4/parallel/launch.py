@@ -37,7 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load_message(model_dir: Path, engine_cfg: EngineConfig, parallel: ParallelConfig, keep_fp8: bool) -> dict:
+def load_message(model_dir: Path, engine_cfg: EngineConfig, parallel: ParallelConfig, keep_fp8: bool | None) -> dict:
     return {
         "op": "load",
         "model": str(model_dir),
@@ -97,9 +97,10 @@ class ParallelSession:
             threading.Event().wait(0.2)
 
     def load(
-        self, model_dir: str | Path, engine_cfg: EngineConfig, parallel: ParallelConfig, keep_fp8: bool = False
+        self, model_dir: str | Path, engine_cfg: EngineConfig, parallel: ParallelConfig, keep_fp8: bool | None = None
     ) -> DriverRunner:
-        """Every rank loads its shard of ``model_dir``; returns rank 0's runner (the engine's)."""
+        """Every rank loads its shard of ``model_dir``; returns rank 0's runner (the engine's). ``keep_fp8`` None:
+        FP8 checkpoints stay FP8 on GPUs (the split exists to fit the model), dequantised on the CPU."""
         if parallel.world_size != self.world_size:
             raise ValueError(f"the split needs {parallel.world_size} ranks, the session has {self.world_size}")
         self.runner = None

@@ -98,16 +98,19 @@ def build_rank(
     engine_cfg: EngineConfig,
     parallel: ParallelConfig,
     d: Dist,
-    keep_fp8: bool = False,
+    keep_fp8: bool | None = None,
     expect: ParallelConfig | None = None,
 ) -> ModelRunner:
     """This rank's runner (a ``DriverRunner`` on rank 0) over its shard of the weights. ``expect``: the split this
-    rank was started for (its own command line), checked against everyone else's before anything is read."""
+    rank was started for (its own command line), checked against everyone else's before anything is read.
+    ``keep_fp8`` None: keep an FP8 checkpoint in FP8 on a GPU (the W8A8 kernels), dequantise it on the CPU."""
     model_dir = Path(model_dir)
     check_agreement(d, fingerprint(model_dir, engine_cfg, expect or parallel, d.world_size))
     config = ModelConfig.from_dir(model_dir)
     plan = ShardPlan(config.text, parallel, d.rank)
     dtype = resolve_dtype(engine_cfg.dtype, d.device)
+    if keep_fp8 is None:
+        keep_fp8 = d.device.type == "cuda" and config.quant.method == "fp8"
     model, loader = load_sharded_model(model_dir, plan, d.group, dtype=dtype, device=d.device, keep_fp8=keep_fp8)
     log.info("rank %d: read %d bytes of weights (skipped %d)", d.rank, loader.bytes_read, loader.bytes_skipped)
     cls = DriverRunner if d.is_driver else ModelRunner

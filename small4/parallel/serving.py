@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def parallel_async_engine(
-    model_dir: str | Path, engine_cfg: EngineConfig, parallel: ParallelConfig, keep_fp8: bool = False
+    model_dir: str | Path, engine_cfg: EngineConfig, parallel: ParallelConfig, keep_fp8: bool | None = None
 ) -> AsyncEngine:
     session = ParallelSession(parallel.world_size, device=engine_cfg.device)
     atexit.register(session.close)
