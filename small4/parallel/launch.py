@@ -47,9 +47,9 @@ def load_message(model_dir: Path, engine_cfg: EngineConfig, parallel: ParallelCo
     }
 
 
-def _exit_on_worker_death(rank: int, code: int) -> None:
-    """A rank is gone, so no further step can run: end the server now, not at the next collective's timeout."""
-    log.error("rank %d is gone: shutting down (exit code %d)", rank, WORKER_EXIT_CODE)
+def _exit_on_failure(reason: str) -> None:
+    """A rank is gone or out of step, so no further step can run: end the server now (its /health with it)."""
+    log.error("%s: shutting down (exit code %d)", reason, WORKER_EXIT_CODE)
     logging.shutdown()
     sys.stderr.flush()
     os._exit(WORKER_EXIT_CODE)
@@ -63,13 +63,13 @@ class ParallelSession:
         world_size: int,
         device: str = "auto",
         worker_args: list[list[str]] | None = None,
-        on_worker_exit: Callable[[int, int], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
         timeout_s: float | None = None,
     ) -> None:
-        """``worker_args``: extra command-line arguments per worker; ``on_worker_exit(rank, code)``: what to do when
-        a worker dies before ``close`` (default: log it and exit this process with ``WORKER_EXIT_CODE``)."""
+        """``worker_args``: extra command-line arguments per worker; ``on_failure(reason)``: what to do when a
+        worker dies before ``close`` or a step fails half-way (default: log it, exit with ``WORKER_EXIT_CODE``)."""
         self.world_size = world_size
-        self.on_worker_exit = on_worker_exit or _exit_on_worker_death
+        self.on_failure = on_failure or _exit_on_failure
         self.stopping = False
         self.runner: DriverRunner | None = None
         port = free_port()
@@ -91,8 +91,7 @@ class ParallelSession:
                 code = proc.poll()
                 if code is not None and not self.stopping:
                     self.stopping = True
-                    log.error("worker rank %d (pid %d) exited with code %d", rank, proc.pid, code)
-                    self.on_worker_exit(rank, code)
+                    self.on_failure(f"worker rank {rank} (pid {proc.pid}) exited with code {code}")
                     return
             threading.Event().wait(0.2)
 
@@ -106,6 +105,7 @@ class ParallelSession:
         self.runner = None
         send_json(self.dist, load_message(Path(model_dir), engine_cfg, parallel, keep_fp8))
         self.runner = build_rank(model_dir, engine_cfg, parallel, self.dist, keep_fp8=keep_fp8)
+        self.runner.on_failure = self.on_failure
         return self.runner
 
     def close(self, timeout: float = 30.0) -> None:

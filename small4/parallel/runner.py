@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class DriverRunner(ModelRunner):
     """Rank 0's runner: the same forward, with the inputs sent to the other ranks first."""
 
     dist: Dist
+    on_failure: Callable[[str], None] | None = None  # the session's: a failed step ends the server
 
     def forward_step(
         self,
@@ -85,8 +87,15 @@ class DriverRunner(ModelRunner):
     ) -> torch.Tensor:
         if images is not None:
             images = (images[0], images[1].to(self.dtype))
-        send_step(self.dist, StepInputs(ids, positions, meta, sample_rows, images))
-        return super().forward_step(ids, positions, meta, sample_rows, images)
+        try:
+            send_step(self.dist, StepInputs(ids, positions, meta, sample_rows, images))
+            return super().forward_step(ids, positions, meta, sample_rows, images)
+        except Exception as e:
+            # a step that failed half-way (a collective timed out: a rank hangs; out of memory) leaves the ranks
+            # out of step, and no later collective can be trusted
+            if self.on_failure is not None:
+                self.on_failure(f"step failed on rank 0, the ranks are out of step ({str(e).splitlines()[0]})")
+            raise
 
     def prepare_decode_graphs(self, max_model_len: int, max_batch: int) -> None:
         """Not yet: each rank would have to capture and replay its own graph around the collectives."""

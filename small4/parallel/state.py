@@ -2,7 +2,8 @@
 
 Ranks meet through torch.distributed's env rendezvous (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
 ``WORLD_SIZE``: what torchrun sets, and what ``launch`` sets for the local workers). Every collective has a
-timeout, so a rank that hangs or dies turns into an error on the others rather than a silent wait.
+timeout ($SMALL4_DIST_TIMEOUT), so a rank that hangs or dies turns into an error on the others rather than a silent
+wait; joining has its own, longer one ($SMALL4_DIST_JOIN_TIMEOUT), since ranks start at different speeds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_TIMEOUT_S = 300.0  # $SMALL4_DIST_TIMEOUT; generous: first steps compile kernels on every rank
 
 
 @dataclass
@@ -58,9 +59,12 @@ def init_distributed(
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     init = "env://" if master is None else f"tcp://{master[0]}:{master[1]}"
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timeout)
-    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    return Dist(rank, world, local_rank, device, dist.group.WORLD, cpu_group)
+    # the rendezvous waits for every rank to start (imports, CUDA init); the steps' collectives get ``timeout``
+    join = timedelta(seconds=max(timeout.total_seconds(), float(os.environ.get("SMALL4_DIST_JOIN_TIMEOUT", 300))))
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=join)
+    group = dist.new_group(backend=backend, timeout=timeout)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else group
+    return Dist(rank, world, local_rank, device, group, cpu_group)
 
 
 def close_distributed() -> None:

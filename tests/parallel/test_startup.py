@@ -1,13 +1,18 @@
-"""Startup checks: splits that do not divide are refused by name; ranks that disagree fail fast, on every rank;
-FP8 block scales are cut at the same boundaries as their weights."""
+"""Startup and fault checks: splits that do not divide are refused by name; ranks that disagree fail fast, on every
+rank; FP8 block scales are cut at the same boundaries as their weights; a hung worker fails the step within the
+collective timeout (and the failure handler, which ends a server, is called)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
+import torch
 
 from small4.config import ConfigError, EngineConfig, TextConfig
+from small4.model.context import AttentionMetadata
 from small4.parallel.config import ParallelConfig, Range
 from small4.parallel.launch import ParallelSession
 from small4.parallel.plan import Cut, scale_cut
@@ -43,13 +48,13 @@ def test_scale_cuts_follow_their_weight():
 
 def test_ranks_that_disagree_fail_fast_on_every_rank(tmp_path):
     model_dir = make_tiny(tmp_path / "tiny")
-    deaths: list[tuple[int, int]] = []
+    failures: list[str] = []
     # the worker was started for TP=2 + EP (as a second node's command line would say), rank 0 asks for TP=2
     session = ParallelSession(
         2,
         device="cpu",
         worker_args=[["--tensor-parallel-size", "2", "--expert-parallel-size", "2"]],
-        on_worker_exit=lambda rank, code: deaths.append((rank, code)),
+        on_failure=failures.append,
         timeout_s=30,
     )
     try:
@@ -58,5 +63,24 @@ def test_ranks_that_disagree_fail_fast_on_every_rank(tmp_path):
             session.load(model_dir, EngineConfig(device="cpu", dtype="float32"), ParallelConfig(2, 1))
         assert session.workers[0].wait(timeout=30) == 1
         assert time.monotonic() - start < 30
+    finally:
+        session.close(timeout=10)
+
+
+def test_a_hung_worker_fails_the_step_within_the_timeout(tmp_path):
+    model_dir = make_tiny(tmp_path / "tiny")
+    failures: list[str] = []
+    session = ParallelSession(2, device="cpu", on_failure=failures.append, timeout_s=3)
+    try:
+        runner = session.load(model_dir, EngineConfig(device="cpu", dtype="float32"), ParallelConfig(2, 1))
+        worker = session.workers[0]
+        os.kill(worker.pid, signal.SIGSTOP)  # alive but not answering: the watchdog sees nothing
+        ids = torch.tensor([1, 5, 9])
+        start = time.monotonic()
+        with pytest.raises(RuntimeError):
+            runner.forward_step(ids, torch.arange(3), AttentionMetadata.for_prefill([3]), torch.tensor([2]))
+        assert time.monotonic() - start < 15
+        assert failures and "the ranks are out of step" in failures[0] and "Timed out" in failures[0]
+        os.kill(worker.pid, signal.SIGKILL)
     finally:
         session.close(timeout=10)
