@@ -83,7 +83,14 @@ class ParallelSession:
             self.workers.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
         self._watchdog = threading.Thread(target=self._watch, name="small4-worker-watchdog", daemon=True)
         self._watchdog.start()
-        self.dist: Dist = init_distributed(resolve_device(device), 0, world_size, ("127.0.0.1", port), timeout_s)
+        try:
+            self.dist: Dist = init_distributed(resolve_device(device), 0, world_size, ("127.0.0.1", port), timeout_s)
+        except BaseException:  # the workers would wait for rank 0 until their join timeout
+            self.stopping = True
+            for proc in self.workers:
+                proc.kill()
+                proc.wait()
+            raise
 
     def _watch(self) -> None:
         while not self.stopping:

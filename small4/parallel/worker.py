@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from small4.engine.model_runner import resolve_device
     from small4.parallel.config import ParallelConfig
-    from small4.parallel.runner import worker_loop
+    from small4.parallel.runner import RankMismatchError, worker_loop
     from small4.parallel.state import close_distributed, init_distributed
 
     expect = None
@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         d = init_distributed(resolve_device(args.device))
         steps = worker_loop(d, str(d.device), expect)
-    except Exception as e:
-        log.error("rank %s failed: %s", os.environ.get("RANK", "?"), e)
+    except RankMismatchError as e:
+        log.error("rank %s: %s", os.environ.get("RANK", "?"), e)
+        return 1
+    except Exception:  # rank 0 gone (a collective failed), or a real bug: the traceback says which
+        log.exception("rank %s failed", os.environ.get("RANK", "?"))
         return 1
     log.info("rank %d: stopped after %d steps", d.rank, steps)
     close_distributed()

@@ -35,6 +35,7 @@ def session():
     yield s
     s.close()
     assert not failures, failures
+    assert [w.returncode for w in s.workers] == [0]  # told to stop, the worker left cleanly
 
 
 @pytest.fixture(scope="module")
