@@ -70,7 +70,8 @@ class ParallelSession:
         worker dies before ``close`` or a step fails half-way (default: log it, exit with ``WORKER_EXIT_CODE``)."""
         self.world_size = world_size
         self.on_failure = on_failure or _exit_on_failure
-        self.stopping = False
+        self.stopping = False  # the watchdog's: no more failure reports
+        self.closed = False
         self.runner: DriverRunner | None = None
         port = free_port()
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size)}
@@ -116,22 +117,25 @@ class ParallelSession:
         return self.runner
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stops the workers (a "stop" message, then a wait, then kill) and leaves the process group."""
-        if self.stopping:
+        """Stops the workers (a "stop" message, then a wait, then kill) and leaves the process group. Idempotent;
+        also after a worker died (the watchdog has then stopped watching)."""
+        if self.closed:
             return
-        self.stopping = True
+        self.closed = self.stopping = True
         try:
             send_json(self.dist, {"op": "stop"})
-        except RuntimeError as e:  # a worker already gone: the others see the error and exit too
-            log.warning("could not tell the workers to stop: %s", e)
-        for proc in self.workers:
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log.error("worker pid %d did not stop within %.0f s: killed", proc.pid, timeout)
-                proc.kill()
-                proc.wait()
-        close_distributed()
+        except Exception as e:  # a worker already gone: the others see the error and exit too
+            log.warning("could not tell the workers to stop: %s", str(e).splitlines()[0])
+        try:
+            for proc in self.workers:
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    log.error("worker pid %d did not stop within %.0f s: killed", proc.pid, timeout)
+                    proc.kill()
+                    proc.wait()
+        finally:
+            close_distributed()
 
     def __enter__(self) -> ParallelSession:
         return self

@@ -70,7 +70,7 @@ def test_ranks_that_disagree_fail_fast_on_every_rank(tmp_path):
 def test_a_hung_worker_fails_the_step_within_the_timeout(tmp_path):
     model_dir = make_tiny(tmp_path / "tiny")
     failures: list[str] = []
-    session = ParallelSession(2, device="cpu", on_failure=failures.append, timeout_s=3)
+    session = ParallelSession(2, device="cpu", on_failure=failures.append, timeout_s=10)  # loading fits in it
     try:
         runner = session.load(model_dir, EngineConfig(device="cpu", dtype="float32"), ParallelConfig(2, 1))
         worker = session.workers[0]
@@ -79,8 +79,9 @@ def test_a_hung_worker_fails_the_step_within_the_timeout(tmp_path):
         start = time.monotonic()
         with pytest.raises(RuntimeError):
             runner.forward_step(ids, torch.arange(3), AttentionMetadata.for_prefill([3]), torch.tensor([2]))
-        assert time.monotonic() - start < 15
+        assert time.monotonic() - start < 30
         assert failures and "the ranks are out of step" in failures[0] and "Timed out" in failures[0]
         os.kill(worker.pid, signal.SIGKILL)
     finally:
         session.close(timeout=10)
+    assert not torch.distributed.is_initialized()  # closed after a worker died: the next session can start
