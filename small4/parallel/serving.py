@@ -11,7 +11,7 @@ import atexit
 import logging
 from pathlib import Path
 
-from small4.config import EngineConfig
+from small4.config import EngineConfig, ModelConfig
 from small4.engine.async_engine import AsyncEngine
 from small4.engine.engine import Engine
 from small4.parallel.config import ParallelConfig
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 def parallel_async_engine(
     model_dir: str | Path, engine_cfg: EngineConfig, parallel: ParallelConfig, keep_fp8: bool | None = None
 ) -> AsyncEngine:
+    parallel.validate(ModelConfig.from_dir(model_dir).text)  # before any process starts: the split must divide
     session = ParallelSession(parallel.world_size, device=engine_cfg.device)
     atexit.register(session.close)
     try:

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
 
+    from small4.config import ConfigError
     from small4.engine.model_runner import resolve_device
     from small4.parallel.config import ParallelConfig
     from small4.parallel.runner import RankMismatchError, worker_loop
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         d = init_distributed(resolve_device(args.device))
         steps = worker_loop(d, str(d.device), expect)
-    except RankMismatchError as e:
+    except (RankMismatchError, ConfigError) as e:  # the message says it all
         log.error("rank %s: %s", os.environ.get("RANK", "?"), e)
         return 1
     except Exception:  # rank 0 gone (a collective failed), or a real bug: the traceback says which
