@@ -16,14 +16,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from small4.config import EngineConfig
 from small4.engine.model_runner import resolve_device
 from small4.parallel.channel import send_json
 from small4.parallel.config import ParallelConfig
-from small4.parallel.runner import DriverRunner, build_rank
+from small4.parallel.runner import DriverRunner, build_rank, worker_loop
 from small4.parallel.state import Dist, close_distributed, init_distributed
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,19 @@ def _exit_on_failure(reason: str) -> None:
     os._exit(WORKER_EXIT_CODE)
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """Where this machine sits in a multi-node run: ``count`` machines with the same number of ranks each, this
+    one ``rank``-th; every rank meets at ``master`` (node 0's address: rank 0, the API, is there)."""
+
+    count: int = 1
+    rank: int = 0
+    master: tuple[str, int] | None = None
+
+
 class ParallelSession:
-    """``world_size`` ranks on this machine: this process is rank 0, the others are worker subprocesses."""
+    """``world_size`` ranks: this process is the first rank of this node (rank 0, the driver, on node 0), the
+    node's other ranks are worker subprocesses."""
 
     def __init__(
         self,
@@ -65,33 +76,51 @@ class ParallelSession:
         worker_args: list[list[str]] | None = None,
         on_failure: Callable[[str], None] | None = None,
         timeout_s: float | None = None,
+        nodes: Nodes | None = None,
     ) -> None:
         """``worker_args``: extra command-line arguments per worker; ``on_failure(reason)``: what to do when a
         worker dies before ``close`` or a step fails half-way (default: log it, exit with ``WORKER_EXIT_CODE``)."""
-        self.world_size = world_size
+        nodes = nodes or Nodes()
+        if world_size % nodes.count:
+            raise ValueError(f"{world_size} ranks do not split evenly over {nodes.count} nodes")
+        self.world_size, self.nodes, self.device = world_size, nodes, device
         self.on_failure = on_failure or _exit_on_failure
         self.stopping = False  # the watchdog's: no more failure reports
         self.closed = False
         self.runner: DriverRunner | None = None
-        port = free_port()
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size)}
+        self.master = nodes.master or ("127.0.0.1", free_port())
+        self.per_node = world_size // nodes.count
+        self.first_rank = nodes.rank * self.per_node
+        env = {**os.environ, "MASTER_ADDR": self.master[0], "MASTER_PORT": str(self.master[1])}
+        env["WORLD_SIZE"] = str(world_size)
         if timeout_s is not None:
             env["SMALL4_DIST_TIMEOUT"] = str(timeout_s)
+        self.timeout_s = timeout_s
         self.workers: list[subprocess.Popen] = []
-        for rank in range(1, world_size):
-            extra = worker_args[rank - 1] if worker_args else []
+        for local in range(1, self.per_node):
+            extra = worker_args[local - 1] if worker_args else []
             cmd = [sys.executable, "-m", "small4.parallel.worker", "--device", device, *extra]
-            self.workers.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+            rank_env = {"RANK": str(self.first_rank + local), "LOCAL_RANK": str(local)}
+            self.workers.append(subprocess.Popen(cmd, env={**env, **rank_env}))
         self._watchdog = threading.Thread(target=self._watch, name="small4-worker-watchdog", daemon=True)
         self._watchdog.start()
         try:
-            self.dist: Dist = init_distributed(resolve_device(device), 0, world_size, ("127.0.0.1", port), timeout_s)
+            self.dist: Dist = init_distributed(
+                resolve_device(device), self.first_rank, world_size, self.master, timeout_s, local_rank=0
+            )
         except BaseException:  # the workers would wait for rank 0 until their join timeout
             self.stopping = True
             for proc in self.workers:
                 proc.kill()
                 proc.wait()
             raise
+
+    def follow(self, expect: ParallelConfig) -> int:
+        """A node other than node 0: this process is one of the workers too, until rank 0 says stop."""
+        steps = worker_loop(self.dist, str(self.dist.device), expect)
+        log.info("rank %d: stopped after %d steps", self.dist.rank, steps)
+        self.stopping = True  # told to stop: the local workers leave as well
+        return steps
 
     def _watch(self) -> None:
         while not self.stopping:
@@ -123,7 +152,8 @@ class ParallelSession:
             return
         self.closed = self.stopping = True
         try:
-            send_json(self.dist, {"op": "stop"})
+            if self.dist.is_driver:  # a following node's ranks have been told already
+                send_json(self.dist, {"op": "stop"})
         except Exception as e:  # a worker already gone: the others see the error and exit too
             log.warning("could not tell the workers to stop: %s", str(e).splitlines()[0])
         try:

@@ -15,17 +15,22 @@ from small4.config import EngineConfig, ModelConfig
 from small4.engine.async_engine import AsyncEngine
 from small4.engine.engine import Engine
 from small4.parallel.config import ParallelConfig
-from small4.parallel.launch import ParallelSession
+from small4.parallel.launch import Nodes, ParallelSession
 from small4.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def parallel_async_engine(
-    model_dir: str | Path, engine_cfg: EngineConfig, parallel: ParallelConfig, keep_fp8: bool | None = None
+    model_dir: str | Path,
+    engine_cfg: EngineConfig,
+    parallel: ParallelConfig,
+    nodes: Nodes | None = None,
+    keep_fp8: bool | None = None,
 ) -> AsyncEngine:
+    """Node 0's side: this process is rank 0 behind the engine."""
     parallel.validate(ModelConfig.from_dir(model_dir).text)  # before any process starts: the split must divide
-    session = ParallelSession(parallel.world_size, device=engine_cfg.device)
+    session = ParallelSession(parallel.world_size, device=engine_cfg.device, nodes=nodes)
     atexit.register(session.close)
     try:
         runner = session.load(model_dir, engine_cfg, parallel, keep_fp8=keep_fp8)
@@ -40,3 +45,13 @@ def parallel_async_engine(
         runner.bytes_read,
     )
     return AsyncEngine(Engine.from_runner(runner, Tokenizer.from_file(model_dir)))
+
+
+def follow_node(parallel: ParallelConfig, nodes: Nodes, device: str) -> int:
+    """Any other node: its ranks load what rank 0 tells them and follow its steps; exit 0 when it stops."""
+    session = ParallelSession(parallel.world_size, device=device, nodes=nodes)
+    try:
+        session.follow(expect=parallel)
+    finally:
+        session.close()
+    return 0

@@ -47,12 +47,13 @@ def init_distributed(
     world_size: int | None = None,
     master: tuple[str, int] | None = None,
     timeout_s: float | None = None,
+    local_rank: int | None = None,
 ) -> Dist:
     """Joins the process group (from the arguments, else the environment torchrun sets); ``device`` is the engine's
     device kind (the rank's GPU is ``cuda:LOCAL_RANK``)."""
     rank = env_int("RANK") if rank is None else rank
     world = env_int("WORLD_SIZE") if world_size is None else world_size
-    local_rank = env_int("LOCAL_RANK", rank)
+    local_rank = env_int("LOCAL_RANK", rank) if local_rank is None else local_rank
     timeout = timedelta(seconds=timeout_s or float(os.environ.get("SMALL4_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

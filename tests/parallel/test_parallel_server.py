@@ -111,3 +111,27 @@ def test_parallel_server_answers_like_one_process_and_dies_with_its_worker(tmp_p
             proc.wait()
         for pid in _children(proc.pid) if proc.poll() is None else []:
             os.kill(pid, signal.SIGKILL)
+
+
+def test_two_nodes_on_loopback_answer_like_one_process_and_stop_together(tmp_path):
+    """`--nnodes 2`: node 1 (one rank) follows node 0 (rank 0, the API); SIGTERM on node 0 stops both, exit 0."""
+    model_dir = make_tiny(tmp_path / "tiny", layout="mistral", seed=3)
+    want = _one_process_answers(model_dir)
+    port, master = _free_port(), _free_port()
+    base = [sys.executable, "-m", "small4.cli", "serve", str(model_dir), *COMMON, "--tensor-parallel-size", "2"]
+    base += ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(master)]
+    env = {**os.environ, "SMALL4_DIST_TIMEOUT": "60"}
+    log = open(tmp_path / "nodes.log", "w+")
+    node1 = subprocess.Popen([*base, "--node-rank", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    node0 = subprocess.Popen([*base, "--node-rank", "0", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", node0)
+        assert _answers(f"http://127.0.0.1:{port}") == want
+        node0.send_signal(signal.SIGTERM)
+        assert node0.wait(timeout=30) == 0
+        assert node1.wait(timeout=30) == 0
+    finally:
+        for proc in (node0, node1):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
