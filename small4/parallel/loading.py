@@ -8,6 +8,7 @@ came off the files, so a test can check that a rank read its share and not more.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -86,7 +87,7 @@ class ShardedWeightLoader(WeightLoader):
     def _cut(self, name: str, shape: list[int]) -> Cut | None | str:
         """This rank's cut of tensor ``name``: None (whole), a Cut, or "skip" (another rank's expert)."""
         if is_vision(name):
-            return None
+            return None if self.model.vision is not None else "skip"  # a worker without the vision tower
         base, role = split_role(name)
         dest = self.mapper.global_map(base)
         if dest is None or role == "unknown":
@@ -117,10 +118,14 @@ def load_sharded_model(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     keep_fp8: bool = False,
+    vision: bool = True,
 ) -> tuple[Mistral4Model, ShardedWeightLoader]:
-    """One rank's shard of the model: built on meta, parallelized, allocated once, filled with its slices."""
+    """One rank's shard of the model: built on meta, parallelized, allocated once, filled with its slices.
+    ``vision=False`` leaves the vision tower out (workers: rank 0 encodes images and broadcasts the embeddings)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
+    if not vision:
+        config = replace(config, vision=None)
     with torch.device("meta"):
         model = Mistral4Model(config)
     parallelize(model, plan, group)

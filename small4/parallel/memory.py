@@ -78,7 +78,8 @@ def plan_rank(
     kv_cache_dtype: str = "auto",
     max_num_batched_tokens: int = 8192,
 ) -> RankPlan:
-    """The heaviest rank's numbers (all ranks hold the same shapes; rank 0 is taken)."""
+    """The heaviest rank's numbers: rank 0's (the same shards as every rank, plus the vision tower, which only
+    rank 0 holds)."""
     fp8 = config.quant.method == "fp8"
     with torch.device("meta"):
         full = Mistral4Model(config)

@@ -120,7 +120,10 @@ def build_rank(
     dtype = resolve_dtype(engine_cfg.dtype, d.device)
     if keep_fp8 is None:
         keep_fp8 = d.device.type == "cuda" and config.quant.method == "fp8"
-    model, loader = load_sharded_model(model_dir, plan, d.group, dtype=dtype, device=d.device, keep_fp8=keep_fp8)
+    # only rank 0 runs the vision tower (it broadcasts the image embeddings with the step)
+    model, loader = load_sharded_model(
+        model_dir, plan, d.group, dtype=dtype, device=d.device, keep_fp8=keep_fp8, vision=d.is_driver
+    )
     log.info("rank %d: read %d bytes of weights (skipped %d)", d.rank, loader.bytes_read, loader.bytes_skipped)
     cls = DriverRunner if d.is_driver else ModelRunner
     runner = cls.from_model(model, replace(engine_cfg, device=str(d.device)))

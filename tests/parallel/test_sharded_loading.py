@@ -18,6 +18,7 @@ from small4.parallel.config import ParallelConfig
 from small4.parallel.loading import load_sharded_model
 from small4.parallel.plan import ShardPlan
 from small4.weights.loader import list_shards, load_model
+from small4.weights.names import is_vision
 from small4.weights.tiny import make_tiny
 
 SPLIT = re.compile(
@@ -64,3 +65,8 @@ def test_each_rank_reads_only_its_share(tmp_path, layout, fp8):
         )
         V = config.text.vocab_size // 2
         torch.testing.assert_close(model.lm_head.weight, full.lm_head.weight[rank * V : (rank + 1) * V])
+    # a worker rank leaves the vision tower out (rank 0 encodes the images): it does not read those bytes either
+    vision = sum(b for n, b in sizes.items() if is_vision(n))
+    assert vision > 0
+    model, loader = load_sharded_model(model_dir, ShardPlan(config.text, ParallelConfig(2, 2), 1), vision=False)
+    assert model.vision is None and loader.bytes_read == whole - vision + split // 2
