@@ -1,4 +1,5 @@
-"""Rank 0's side of a parallel run on one machine: start the worker processes, join them, load, watch, stop.
+"""One machine's side of a parallel run: start this node's worker processes, join them, load, watch, stop.
+On node 0 this process is rank 0 (the driver); on other nodes it is the node's first worker (``follow``).
 
 Workers are plain subprocesses (``python -m small4.parallel.worker``) told their rank through the environment,
 as torchrun would: nothing is pickled to start them (torch.multiprocessing's spawn would pickle its arguments).
