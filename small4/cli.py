@@ -1,4 +1,4 @@
-"""small4 command line: make-tiny | generate | bench (serve comes with the server)."""
+"""small4 command line: make-tiny | generate | serve | plan | bench | demo | train-demo."""
 
 from __future__ import annotations
 
@@ -84,6 +84,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=serve)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from small4.parallel.memory import add_parser
+
+    add_parser(sub)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="serve the embedded tiny model and talk to it with the openai client")
     p.set_defaults(func=lambda _: __import__("small4.demo", fromlist=["main"]).main())
@@ -99,6 +105,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_make_tiny,
     _add_generate,
     _add_serve,
+    _add_plan,
     _add_bench,
     _add_demo,
     _add_train_demo,
@@ -115,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that start copies of themselves
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:

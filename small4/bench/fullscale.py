@@ -54,6 +54,11 @@ from small4.engine.sampling_params import SamplingParams
 from small4.engine.scheduler import ScheduledRequest, SchedulerOutput
 from small4.kernels.backend import kernel_backend
 from small4.model.context import AttentionMetadata
+from small4.parallel.config import ParallelConfig
+from small4.parallel.plan import ShardPlan
+from small4.parallel.spmd import agree_any, finish, start_ranks
+from small4.parallel.state import Dist
+from small4.parallel.tp import parallelize
 from small4.weights.quant import dequantize_fp8
 from small4.weights.tiny import TinySpec, hf_config
 
@@ -180,6 +185,7 @@ class Bench:
     seed: int
     cuda_graph: bool = False
     filled: tuple[int, list[torch.Tensor]] | None = None  # (context, first sequence's latent blocks per layer)
+    dist: Dist | None = None  # this rank's process group when the model is split (every rank runs the bench)
 
     @property
     def model(self):
@@ -229,7 +235,13 @@ class Bench:
         return scores + moe + proj + 8 * t.vocab_size
 
     def why_not_fit(self, cache_bytes: int, activation_bytes: int) -> str | None:
-        """Why a run needing this much does not fit (None: it fits)."""
+        """Why a run needing this much does not fit (None: it fits); split over ranks, it fits only on all."""
+        why = self._why_not_fit_here(cache_bytes, activation_bytes)
+        if agree_any(why is not None, self.dist):
+            return why or "does not fit on another rank"
+        return None
+
+    def _why_not_fit_here(self, cache_bytes: int, activation_bytes: int) -> str | None:
         if self.max_cache_memory is not None and cache_bytes > self.max_cache_memory:
             return f"latent cache needs {_gib(cache_bytes)}, over --max-cache-memory {_gib(self.max_cache_memory)}"
         free = _free_bytes(self.device)
@@ -544,6 +556,8 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def reference_skip_reason(bench: Bench) -> str | None:
+    if bench.dist is not None:
+        return "not with tensor/expert parallelism (transformers runs on one device)"
     if importlib.util.find_spec("transformers") is None:
         return "transformers is not installed (pip install small4[test])"
     need = sum(p.numel() for p in bench.model.parameters()) * torch.empty((), dtype=bench.runner.dtype).element_size()
@@ -653,12 +667,13 @@ def _int_list_or_none(text: str) -> list[int]:
     return [] if text.strip().lower() == "none" else int_list(text)
 
 
-def build_bench(args: argparse.Namespace) -> Bench:
+def build_bench(args: argparse.Namespace, d: Dist | None = None) -> Bench:
     device = (
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if args.device == "auto"
         else torch.device(args.device)
     )
+    device = d.device if d is not None else device
     spec = TINY_BENCH_SPEC if args.tiny else FULL_SPEC
     layers = args.layers or spec.num_layers
     if layers > spec.num_layers:
@@ -666,14 +681,23 @@ def build_bench(args: argparse.Namespace) -> Bench:
     config = model_config(spec, layers, args.dtype)
     act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine_cfg = EngineConfig(device=str(device), seed=args.seed, block_size=args.block_size)
-    model = build_random_model(config, device, act_dtype, args.dtype, seed=args.seed)
+    transform = None
+    if d is not None:  # this rank's shard: the same transform as a served model
+        plan = ShardPlan(config.text, parallel_config(args), d.rank)
+        transform = lambda m: parallelize(m, plan, d.group)  # noqa: E731
+    model = build_random_model(config, device, act_dtype, args.dtype, seed=args.seed, transform=transform)
     runner = ModelRunner.from_model(model, engine_cfg, num_blocks=1)
     budget = (
         args.max_cache_memory
         if args.max_cache_memory is not None
         else (CPU_CACHE_BUDGET if device.type == "cpu" else None)
     )
-    return Bench(runner, spec, spec.num_layers, args.dtype, device, budget, args.seed, args.cuda_graph)
+    return Bench(runner, spec, spec.num_layers, args.dtype, device, budget, args.seed, args.cuda_graph, dist=d)
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    tp = args.tensor_parallel_size
+    return ParallelConfig(tp, tp if args.enable_expert_parallel else 1)
 
 
 def _overall_peak(build: int | None, decode: list[dict], prefill: dict, last: int | None) -> int | None:
@@ -682,8 +706,10 @@ def _overall_peak(build: int | None, decode: list[dict], prefill: dict, last: in
     return max(peaks) if peaks else None
 
 
-def run_full_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], torch.device]:
-    bench = build_bench(args)
+def run_full_bench(
+    args: argparse.Namespace, d: Dist | None = None
+) -> tuple[dict[str, Any], dict[str, Any], torch.device]:
+    bench = build_bench(args, d)
     device = bench.device
     build_peak = _peak(device)  # measurements reset the peak counter: the overall peak is the max of all of them
     weights_bytes = _bytes(bench.model)
@@ -739,7 +765,10 @@ def run_full_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         "seed": args.seed,
         "attn_impl": bench.runner.engine_cfg.attn_impl,
         "parameters": sum(p.numel() for p in bench.model.parameters()),
-        "weights_bytes": weights_bytes,
+        "weights_bytes": weights_bytes,  # this rank's, when split
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "expert_parallel_size": parallel_config(args).expert_parallel_size,
+        "world_size": 1 if d is None else d.world_size,
     }
     results = {
         "decode": decode,
@@ -811,7 +840,18 @@ def summary(config: dict[str, Any], results: dict[str, Any], device: str) -> str
 
 
 def main(args: argparse.Namespace) -> int:
-    config, results, device = run_full_bench(args)
+    parallel = parallel_config(args)
+    if parallel.world_size == 1:
+        return _report(*run_full_bench(args), args)
+    # split: every rank runs this same command on its shard (the first process starts the others)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    d, procs = start_ranks(args.argv, parallel.world_size, torch.device(auto if args.device == "auto" else args.device))
+    results = run_full_bench(args, d)
+    code = _report(*results, args) if d.is_driver else 0
+    return max(code, finish(procs))
+
+
+def _report(config: dict[str, Any], results: dict[str, Any], device: torch.device, args: argparse.Namespace) -> int:
     path = write_result("full", config, results, out=args.out, device=device)
     print(summary(config, results, device_name(device)))
     print(f"wrote {path}")
@@ -846,6 +886,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", action="store_true", help="also time transformers generate at batch 1 and 8")
     p.add_argument("--cuda-graph", action="store_true", help="also time the decode forward as a CUDA graph replay")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, help="ranks (one process each)")
+    p.add_argument("--enable-expert-parallel", action="store_true", help="partition the experts over the ranks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="result JSON path (default: bench/results/full-<UTC time>.json)")
     p.set_defaults(func=main)

@@ -12,6 +12,7 @@ transformers config for a side-by-side run on the same weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
@@ -96,9 +97,11 @@ def build_random_model(
     dtype: torch.dtype = torch.bfloat16,
     weights: WeightDtype = "bf16",
     seed: int = 0,
+    transform: Callable[[Mistral4Model], object] | None = None,
 ) -> Mistral4Model:
     """A Mistral4Model with random weights generated on ``device``: every parameter is allocated once, in its
-    final dtype (FP8 ones never exist in BF16 or float32 first, so the full FP8 model fits where it will run)."""
+    final dtype (FP8 ones never exist in BF16 or float32 first, so the full FP8 model fits where it will run).
+    ``transform`` reshapes the meta model first (``parallel.tp.parallelize``: one rank's shard)."""
     device = torch.device(device)
     fp8 = weights == "fp8"
     old_default = torch.get_default_dtype()
@@ -106,6 +109,8 @@ def build_random_model(
     try:
         with torch.device("meta"):
             model = Mistral4Model(config)
+            if transform is not None:
+                transform(model)
     finally:
         torch.set_default_dtype(old_default)
     quantized = []  # (module, attribute, fan_in, scale shape)

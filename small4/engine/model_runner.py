@@ -233,12 +233,25 @@ class ModelRunner:
             block_size=self.block_size,
         )
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        embeds = None
+        images = None
         if image_rows:
-            rows_t = torch.tensor(image_rows, dtype=torch.long, device=self.device)
-            embeds = self.model.embed(ids, torch.cat(image_embeds), rows_t)
-        hidden = self.model(
-            ids, torch.tensor(positions, device=self.device), meta, self.kv_caches, inputs_embeds=embeds
-        )
+            images = (torch.tensor(image_rows, dtype=torch.long, device=self.device), torch.cat(image_embeds))
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return StepBatch(sample_ids, self.model.compute_logits(hidden[rows]))
+        return StepBatch(
+            sample_ids, self.forward_step(ids, torch.tensor(positions, device=self.device), meta, rows, images)
+        )
+
+    def forward_step(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        sample_rows: torch.Tensor,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One eager forward over a flat batch: ids / positions [T], ``images`` = (rows [N], embeddings [N, hidden])
+        for the [IMG] slots -> float32 logits of ``sample_rows``. The one seam the parallel driver
+        (small4/parallel/) overrides, to send the same inputs to the other ranks first."""
+        embeds = None if images is None else self.model.embed(ids, images[1], images[0])
+        hidden = self.model(ids, positions, meta, self.kv_caches, inputs_embeds=embeds)
+        return self.model.compute_logits(hidden[sample_rows])

@@ -72,6 +72,48 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: the model's generation_config.json gives the default sampling parameters; ignore: it does not",
     )
+    add_parallel_arguments(p)
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (one process per rank; rank 0, on node 0, serves the API)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks that split heads and vocab")
+    g.add_argument("--enable-expert-parallel", action="store_true", help="partition the routed experts over the ranks")
+    g.add_argument("--expert-parallel-size", type=int, default=None, help="experts over N ranks, attention replicated")
+    g.add_argument("--data-parallel-attention", action="store_true", help="not supported yet")
+    g.add_argument("--nnodes", type=int, default=None, help="machines, each with tp / nnodes ranks")
+    g.add_argument("--node-rank", type=int, default=None, help="this machine's index (0: the API)")
+    g.add_argument("--master-addr", default=None, help="node 0's address, where the ranks meet")
+    g.add_argument("--master-port", type=int, default=None)
+
+
+def parallel_config(args: argparse.Namespace):
+    """The split asked for, or None for one process; flags that are not built yet are refused here, by name."""
+    from small4.parallel.config import ParallelConfig
+
+    if args.data_parallel_attention:
+        raise ValueError("--data-parallel-attention is not supported yet (the latent cache is replicated per rank)")
+    tp = args.tensor_parallel_size
+    ep = args.expert_parallel_size or (tp if args.enable_expert_parallel else 1)
+    if args.enable_expert_parallel and tp == 1 and args.expert_parallel_size is None:
+        raise ValueError("--enable-expert-parallel needs --tensor-parallel-size > 1 (or --expert-parallel-size)")
+    parallel = ParallelConfig(tp, ep)
+    if parallel.world_size == 1 and node_layout(args).count > 1:
+        raise ValueError("--nnodes > 1 needs --tensor-parallel-size > 1")
+    return parallel if parallel.world_size > 1 else None
+
+
+def node_layout(args: argparse.Namespace):
+    """Multi-node: every node runs the same command with its own --node-rank; node 0 serves the API."""
+    from small4.parallel.launch import Nodes
+
+    if args.nnodes is None or args.nnodes == 1:
+        return Nodes()
+    if args.node_rank is None or args.master_addr is None or args.master_port is None:
+        raise ValueError("--nnodes needs --node-rank, --master-addr and --master-port (node 0's address)")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ValueError(f"--node-rank must be in [0, {args.nnodes})")
+    return Nodes(args.nnodes, args.node_rank, (args.master_addr, int(args.master_port)))
 
 
 def build_from_args(args: argparse.Namespace):
@@ -94,7 +136,13 @@ def build_from_args(args: argparse.Namespace):
         seed=args.seed,
         attention_scale_mscale=args.attention_scale_mscale,
     )
-    engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
+    parallel = parallel_config(args)
+    if parallel is None:
+        engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
+    else:  # the API process is rank 0 and starts the other ranks
+        from small4.parallel.serving import parallel_async_engine
+
+        engine = parallel_async_engine(model_dir, engine_cfg, parallel, node_layout(args))
     defaults = read_generation_config(model_dir) if args.generation_config == "auto" else {}
     if defaults:
         log.info("default sampling parameters from generation_config.json: %s", defaults)
@@ -167,6 +215,11 @@ def make_server(app, ctx: ServerContext, host: str, port: int, shutdown_timeout_
 
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    nodes = node_layout(args)
+    if nodes.rank > 0:  # not the API node: this node's ranks follow rank 0 until it stops
+        from small4.parallel.serving import follow_node
+
+        return follow_node(parallel_config(args), nodes, args.device)
     app, ctx = build_from_args(args)
     log.info(
         "serving %s on http://%s:%d (max tokens in cache: %d)",

@@ -1,0 +1,167 @@
+"""Rank 0 drives, the other ranks follow: one ``forward_step`` per engine step on every rank, same inputs.
+
+Only rank 0 runs the scheduler, the sampler and the API. ``DriverRunner`` is the ordinary ``ModelRunner`` whose
+``forward_step`` first broadcasts the step's inputs (channel.py); each worker sits in ``worker_loop`` receiving
+them and running the same forward, so every rank issues the same collectives in the same order. Startup checks
+that all ranks agree on the checkpoint config, the split and the engine settings before any weight is read, then
+agrees on one cache size (the smallest any rank can hold).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from small4.config import EngineConfig, ModelConfig
+from small4.engine.model_runner import ModelRunner, resolve_dtype
+from small4.model.context import AttentionMetadata
+from small4.parallel.channel import StepInputs, recv_json, recv_step, send_step
+from small4.parallel.config import ParallelConfig
+from small4.parallel.loading import load_sharded_model
+from small4.parallel.plan import ShardPlan
+from small4.parallel.state import Dist
+
+log = logging.getLogger(__name__)
+
+
+class RankMismatchError(RuntimeError):
+    """Ranks were started with different checkpoints, splits or engine settings."""
+
+
+def fingerprint(model_dir: Path, engine_cfg: EngineConfig, parallel: ParallelConfig, world_size: int) -> dict:
+    """What every rank must agree on (the device is per rank and left out)."""
+    config_file = model_dir / "config.json" if (model_dir / "config.json").is_file() else model_dir / "params.json"
+    engine = {k: v for k, v in asdict(engine_cfg).items() if k != "device"}
+    return {
+        "world_size": world_size,
+        "parallel": parallel.to_json(),
+        "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest(),
+        "engine": engine,
+        "torch": torch.__version__,
+    }
+
+
+def all_gather_json(d: Dist, message: dict) -> list[dict]:
+    """Every rank's ``message``, on every rank (bytes padded to the longest; JSON, not pickle)."""
+    data = json.dumps(message, sort_keys=True).encode()
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX, group=d.cpu_group)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8)
+    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    parts = [torch.empty_like(buf) for _ in range(d.world_size)]
+    dist.all_gather(parts, buf, group=d.cpu_group)
+    return [json.loads(bytes(p.numpy()).rstrip(b"\0").decode()) for p in parts]
+
+
+def check_agreement(d: Dist, mine: dict) -> None:
+    """Raises on every rank, naming the rank and the fields, when any rank differs from rank 0."""
+    everyone = all_gather_json(d, mine)
+    if mine["world_size"] != d.world_size:
+        raise RankMismatchError(f"rank {d.rank}: started for world size {mine['world_size']}, joined {d.world_size}")
+    for rank, theirs in enumerate(everyone):
+        diff = sorted(k for k in set(theirs) | set(everyone[0]) if theirs.get(k) != everyone[0].get(k))
+        if diff:
+            raise RankMismatchError(f"rank {rank} disagrees with rank 0 on {', '.join(diff)}")
+
+
+class DriverRunner(ModelRunner):
+    """Rank 0's runner: the same forward, with the inputs sent to the other ranks first."""
+
+    dist: Dist
+    on_failure: Callable[[str], None] | None = None  # the session's: a failed step ends the server
+
+    def forward_step(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        sample_rows: torch.Tensor,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if images is not None:
+            images = (images[0], images[1].to(self.dtype))
+        try:
+            send_step(self.dist, StepInputs(ids, positions, meta, sample_rows, images))
+            return super().forward_step(ids, positions, meta, sample_rows, images)
+        except Exception as e:
+            # a step that failed half-way (a collective timed out: a rank hangs; out of memory) leaves the ranks
+            # out of step, and no later collective can be trusted
+            if self.on_failure is not None:
+                self.on_failure(f"step failed on rank 0, the ranks are out of step ({str(e).splitlines()[0]})")
+            raise
+
+    def prepare_decode_graphs(self, max_model_len: int, max_batch: int) -> None:
+        """Not yet: each rank would have to capture and replay its own graph around the collectives."""
+        log.info("decode CUDA graphs are off with tensor/expert parallelism (eager steps)")
+
+
+def build_rank(
+    model_dir: str | Path,
+    engine_cfg: EngineConfig,
+    parallel: ParallelConfig,
+    d: Dist,
+    keep_fp8: bool | None = None,
+    expect: ParallelConfig | None = None,
+) -> ModelRunner:
+    """This rank's runner (a ``DriverRunner`` on rank 0) over its shard of the weights. ``expect``: the split this
+    rank was started for (its own command line), checked against everyone else's before anything is read.
+    ``keep_fp8`` None: keep an FP8 checkpoint in FP8 on a GPU (the W8A8 kernels), dequantise it on the CPU."""
+    model_dir = Path(model_dir)
+    check_agreement(d, fingerprint(model_dir, engine_cfg, expect or parallel, d.world_size))
+    config = ModelConfig.from_dir(model_dir, engine_cfg.attention_scale_mscale)
+    plan = ShardPlan(config.text, parallel, d.rank)
+    dtype = resolve_dtype(engine_cfg.dtype, d.device)
+    if keep_fp8 is None:
+        keep_fp8 = d.device.type == "cuda" and config.quant.method == "fp8"
+    # only rank 0 runs the vision tower (it broadcasts the image embeddings with the step)
+    model, loader = load_sharded_model(
+        model_dir,
+        plan,
+        d.group,
+        dtype=dtype,
+        device=d.device,
+        keep_fp8=keep_fp8,
+        vision=d.is_driver,
+        attention_scale_mscale=engine_cfg.attention_scale_mscale,
+    )
+    log.info("rank %d: read %d bytes of weights (skipped %d)", d.rank, loader.bytes_read, loader.bytes_skipped)
+    cls = DriverRunner if d.is_driver else ModelRunner
+    runner = cls.from_model(model, replace(engine_cfg, device=str(d.device)))
+    runner.bytes_read = loader.bytes_read
+    agreed = torch.tensor([runner.num_blocks], dtype=torch.int64)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=d.cpu_group)
+    if int(agreed.item()) != runner.num_blocks:
+        runner._setup(int(agreed.item()))
+    if d.is_driver:
+        runner.dist = d
+    return runner
+
+
+@torch.inference_mode()
+def worker_loop(d: Dist, device: str, expect: ParallelConfig | None = None) -> int:
+    """Follows rank 0: "load" builds this rank's shard, "step" runs one forward, "stop" returns the steps run."""
+    runner: ModelRunner | None = None
+    steps = 0
+    while True:
+        message = recv_json(d)
+        op = message["op"]
+        if op == "stop":
+            return steps
+        if op == "load":
+            runner = None  # the old shard goes before the new one is allocated
+            engine_cfg = replace(EngineConfig(**message["engine"]), device=device)
+            parallel = ParallelConfig(**message["parallel"])
+            runner = build_rank(message["model"], engine_cfg, parallel, d, message["keep_fp8"], expect)
+        elif op == "step" and runner is not None:
+            step = recv_step(d, message, runner.config.text.hidden_size, runner.dtype)
+            runner.forward_step(step.ids, step.positions, step.meta, step.sample_rows, step.images)
+            steps += 1
+        else:
+            raise RuntimeError(f"unexpected control message {op!r} (model loaded: {runner is not None})")
