@@ -7,6 +7,7 @@ would let it rot unseen. Set SMALL4_WEBUI_SCREENSHOTS=DIR to also write the READ
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import re
@@ -191,6 +192,30 @@ def test_attach_an_image_and_get_an_answer(browser, demo, tmp_path):
     assert src.startswith("data:image/png;base64,")
     assert by_css(browser, "#attachments img") == []  # sent, so no longer pending
     shot(browser, "webui-image.png")
+
+
+def test_paste_and_drop_attach_images(browser, demo, tmp_path):
+    """Synthetic paste / drop events carrying a real PNG File (a headless browser has no OS clipboard or mouse)."""
+    open_page(browser, demo.base_url)
+    path = tmp_path / "blue.png"
+    shape_image("blue", "square", random.Random(5)).save(path)
+    browser.execute_script(
+        """const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        for (const [target, make] of [
+          ['prompt', (dt) => new ClipboardEvent('paste', {clipboardData: dt, bubbles: true})],
+          ['composer', (dt) => new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})]]) {
+          const dt = new DataTransfer();
+          dt.items.add(new File([bytes], 'blue.png', {type: 'image/png'}));
+          document.getElementById(target).dispatchEvent(make(dt));
+        }""",
+        base64.b64encode(path.read_bytes()).decode(),
+    )
+    wait(browser, lambda d: len(by_css(d, "#attachments img")) == 2, "both images attached")
+    by_css(browser, "#attachments button")[0].click()  # the remove button takes one away again
+    assert len(by_css(browser, "#attachments img")) == 1
+    ask(browser, "What is in this image?")
+    assert wait_done(browser).find_element("class name", "content").text.startswith("A blue ")
+    assert len(by_css(browser, "article.user img")) == 1
 
 
 def test_tool_calls_are_shown_as_cards(browser, demo):

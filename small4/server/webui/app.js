@@ -130,13 +130,16 @@ function renderAll() {
   main.scrollTop = main.scrollHeight;
 }
 
-function rerenderLast(streaming) {
+// Re-renders the answer being streamed (it is always the last message); follows it down unless the user scrolled up.
+function rerenderLast(message, streaming) {
+  if (state.messages[state.messages.length - 1] !== message) return; // "New chat" dropped it meanwhile
   const main = $("messages");
+  const following = main.scrollHeight - main.scrollTop - main.clientHeight < 80;
   const last = main.lastElementChild;
-  const fresh = renderMessage(state.messages[state.messages.length - 1], streaming);
+  const fresh = renderMessage(message, streaming);
   if (last) last.replaceWith(fresh);
   else main.append(fresh);
-  main.scrollTop = main.scrollHeight;
+  if (following) main.scrollTop = main.scrollHeight;
 }
 
 function showError(text) {
@@ -239,6 +242,7 @@ function setBusy(busy) {
   $("send").hidden = busy;
   $("stop").hidden = !busy;
   $("send").disabled = busy;
+  $("messages").setAttribute("aria-busy", String(busy)); // screen readers read the answer once, not per chunk
 }
 
 async function send() {
@@ -288,7 +292,7 @@ async function send() {
         }
         if (choice.finish_reason) answer.finish = choice.finish_reason;
       }
-      rerenderLast(true);
+      rerenderLast(answer, true);
     });
   } catch (e) {
     if (e.name === "AbortError") answer.finish = "stopped";
@@ -301,7 +305,7 @@ async function send() {
     answer.stats = stats(t0, first, end, usage ? usage.completion_tokens : chunks, answer.finish);
     state.controller = null;
     setBusy(false);
-    rerenderLast(false);
+    rerenderLast(answer, false);
     saveConversation();
   }
 }
@@ -362,7 +366,13 @@ function askForKey() {
 
 async function probe() {
   // /v1/models tells whether the key works (and the model's name) without spending a generation
-  const resp = await fetch("/v1/models", { headers: apiHeaders() });
+  let resp;
+  try {
+    resp = await fetch("/v1/models", { headers: apiHeaders() });
+  } catch (e) {
+    showError("Cannot reach the server: " + e.message);
+    return;
+  }
   if (resp.status === 401) {
     askForKey();
     if (sessionStorage.getItem(KEY_KEY)) showError("The API key was refused: " + (await errorText(resp)));
