@@ -225,10 +225,19 @@ def test_tool_calls_are_shown_as_cards(browser, demo):
     settings(browser)
     browser.find_element("id", "tools").send_keys(json.dumps(TOOLS))
     set_value(browser, "temperature", "0")
+    browser.find_element("id", "settings").find_element("tag name", "summary").click()  # fold the panel again
     ask(browser, "What is the weather in Paris?")
     card = wait_done(browser).find_element("class name", "tool-call")
     assert card.find_element("class name", "name").text == "Tool call: get_weather"
     assert json.loads(card.find_element("class name", "args").text) == {"city": "Paris"}
+    shot(browser, "webui-tool-call.png")
+    # the user plays the tool: its result goes back as a "tool" message and the model answers from it
+    card.find_element("tag name", "textarea").send_keys('{"city": "Paris", "condition": "sunny", "temperature_c": 21}')
+    card.find_element("css selector", ".tool-result button").click()
+    wait(browser, lambda d: len(by_css(d, "article.assistant")) == 2, "a second answer")
+    answer = wait_done(browser)
+    assert answer.find_element("class name", "content").text == "It is sunny and 21°C in Paris."
+    assert by_css(browser, "article.assistant .tool-call .result")  # the first card now shows the result
 
 
 def test_stop_a_long_answer_mid_stream(browser, demo):

@@ -104,13 +104,15 @@ function renderMessage(m, streaming) {
   if (m.role === "assistant") body.innerHTML = renderMarkdown(m.content || "");
   else body.textContent = m.content || "";
   box.append(body);
-  for (const call of m.toolCalls || []) box.append(renderToolCall(call));
+  for (const call of m.toolCalls || []) box.append(renderToolCall(call, streaming));
   if (m.error) box.append(el("div", "error-inline error", m.error));
   if (m.stats) box.append(el("div", "stats", m.stats));
   return box;
 }
 
-function renderToolCall(call) {
+// A card per call; once the answer is done the user plays the tool: the result typed here goes back as a "tool"
+// message and the model continues from it.
+function renderToolCall(call, streaming) {
   const card = el("section", "tool-call");
   card.setAttribute("aria-label", "tool call " + (call.name || ""));
   card.append(el("div", "name", "Tool call: " + (call.name || "?")));
@@ -121,6 +123,29 @@ function renderToolCall(call) {
     /* still streaming or not JSON: show as it came */
   }
   card.append(el("pre", "args", args));
+  if (typeof call.result === "string") {
+    card.append(el("div", "muted", "Result"), el("pre", "result", call.result));
+  } else if (!streaming && call.id) {
+    const form = el("form", "tool-result");
+    const id = "result-" + call.id.replace(/[^\w-]/g, "");
+    const label = el("label", null, "Result of " + (call.name || "the tool"));
+    label.htmlFor = id;
+    const input = el("textarea");
+    input.id = id;
+    input.rows = 2;
+    const button = el("button", null, "Send result");
+    button.type = "submit";
+    form.append(label, input, button);
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      if (state.controller) return;
+      call.result = input.value;
+      saveConversation();
+      renderAll();
+      if (state.messages[state.messages.length - 1].toolCalls.every((c) => typeof c.result === "string")) generate();
+    });
+    card.append(form);
+  }
   return card;
 }
 
@@ -170,6 +195,10 @@ function apiMessages() {
     if (m.role === "user") {
       const images = (m.images || []).map((url) => ({ type: "image_url", image_url: { url } }));
       out.push({ role: "user", content: images.length ? [...images, { type: "text", text: m.content }] : m.content });
+    } else if ((m.toolCalls || []).length && m.toolCalls.every((c) => c.id && typeof c.result === "string")) {
+      const calls = m.toolCalls.map((c) => ({ id: c.id, type: "function", function: { name: c.name, arguments: c.arguments } }));
+      out.push({ role: "assistant", content: m.content || null, tool_calls: calls });
+      for (const c of m.toolCalls) out.push({ role: "tool", tool_call_id: c.id, content: c.result });
     } else if (m.content) {
       out.push({ role: "assistant", content: m.content }); // tool calls without a result are not sent back
     }
@@ -209,6 +238,7 @@ function applyDelta(m, delta) {
   for (const t of delta.tool_calls || []) {
     m.toolCalls = m.toolCalls || [];
     const slot = (m.toolCalls[t.index || 0] = m.toolCalls[t.index || 0] || { name: "", arguments: "" });
+    if (t.id) slot.id = t.id;
     if (t.function && t.function.name) slot.name += t.function.name;
     if (t.function && t.function.arguments) slot.arguments += t.function.arguments;
   }
@@ -245,22 +275,34 @@ function setBusy(busy) {
   $("messages").setAttribute("aria-busy", String(busy)); // screen readers read the answer once, not per chunk
 }
 
-async function send() {
+function send() {
   const text = $("prompt").value.trim();
   if (!text && !state.attachments.length) return;
-  showError("");
-  let body;
   state.messages.push({ role: "user", content: text, images: state.attachments.slice() });
-  try {
-    body = requestBody();
-  } catch (e) {
+  if (!generate()) {
     state.messages.pop();
-    showError("Tools must be a JSON list: " + e.message);
     return;
   }
   $("prompt").value = "";
   state.attachments = [];
   renderAttachments();
+}
+
+// Streams one answer to the conversation as it stands; false (nothing sent) when the settings are not valid.
+function generate() {
+  showError("");
+  let body;
+  try {
+    body = requestBody();
+  } catch (e) {
+    showError("Tools must be a JSON list: " + e.message);
+    return false;
+  }
+  stream(body);
+  return true;
+}
+
+async function stream(body) {
   const answer = { role: "assistant", content: "", reasoning: "", toolCalls: [] };
   state.messages.push(answer);
   state.controller = new AbortController();
