@@ -20,11 +20,12 @@ from small4.server.chat import ChatHandler
 from small4.server.completions import CompletionHandler
 from small4.server.context import ServerContext
 from small4.server.errors import install_error_handlers
-from small4.server.middleware import APIKeyMiddleware, SizeLimitMiddleware
+from small4.server.middleware import OPEN_PATHS, APIKeyMiddleware, SizeLimitMiddleware
 from small4.server.models import model_card
 from small4.server.protocol import ChatCompletionRequest, CompletionRequest
 from small4.server.responses import ResponsesHandler, ResponsesRequest
 from small4.server.tokenize import DetokenizeRequest, TokenizeHandler, TokenizeRequest
+from small4.server.webui_routes import WEBUI_PATHS, add_webui_routes
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 class AppOptions:
     api_key: str | None = None
     shutdown_timeout_s: float = 30.0
+    web_ui: bool = True  # GET / serves the chat page (server/webui_routes.py); --no-web-ui turns it off
 
 
 def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
@@ -88,8 +90,13 @@ def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
     async def detokenize(body: DetokenizeRequest) -> JSONResponse:
         return JSONResponse(await tokens.detokenize(body))
 
+    open_paths = OPEN_PATHS
+    if options.web_ui:
+        add_webui_routes(app)
+        open_paths = OPEN_PATHS | WEBUI_PATHS  # the static page only: every API call from it sends the key
+
     # outermost first: the size cap runs before auth reads nothing but headers anyway
-    app.add_middleware(APIKeyMiddleware, api_key=options.api_key)
+    app.add_middleware(APIKeyMiddleware, api_key=options.api_key, open_paths=open_paths)
     app.add_middleware(
         SizeLimitMiddleware, max_bytes=ctx.limits.max_body_bytes, max_header_bytes=ctx.limits.max_header_bytes
     )

@@ -40,14 +40,15 @@ async def _send_error(
 
 
 class APIKeyMiddleware:
-    """``Authorization: Bearer <key>`` on every route but /health, compared in constant time."""
+    """``Authorization: Bearer <key>`` on every route but /health (and the static chat page's fixed paths, when
+    it is on), compared in constant time."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, api_key: str | None, open_paths: frozenset[str] = OPEN_PATHS) -> None:
+        self.app, self.open_paths = app, open_paths
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if self.expected is None or scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers") or []).get(b"authorization", b"")

@@ -72,6 +72,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: the model's generation_config.json gives the default sampling parameters; ignore: it does not",
     )
+    p.add_argument("--no-web-ui", action="store_true", help="do not serve the chat page at GET /")
     add_parallel_arguments(p)
 
 
@@ -164,7 +165,8 @@ def build_from_args(args: argparse.Namespace):
         fetch_timeout_s=args.media_fetch_timeout,
     )
     ctx = ServerContext(engine, Tokenizer.from_file(model_dir), name, limits, media, sampling_defaults=defaults)
-    return build_app(ctx, AppOptions(api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout)), ctx
+    options = AppOptions(api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout, web_ui=not args.no_web_ui)
+    return build_app(ctx, options), ctx
 
 
 FLUSH_GRACE_S = 5.0  # after the drain timeout, how long aborted responses get to send their last chunk
