@@ -6,17 +6,13 @@ Runs under the Triton interpreter on CPU tensors."""
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from small4.kernels.fused_moe import choose_config, fused_moe, moe_align  # noqa: E402
-from small4.kernels.moe_reference import fused_moe_reference  # noqa: E402
-from small4.model.moe import RoutedExperts  # noqa: E402
-from small4.weights.quant import FP8_MAX, dequantize_fp8  # noqa: E402
+from small4.kernels.fused_moe import choose_config, fused_moe, moe_align
+from small4.kernels.moe_reference import fused_moe_reference
+from small4.model.moe import RoutedExperts
+from small4.weights.quant import FP8_MAX, dequantize_fp8
 
 # Small tiles so a few tokens already span several blocks, several column tiles and several K steps.
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}

@@ -13,19 +13,16 @@ float8 step, 2^-3 relative, at a rounding tie)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+import pytest
+import torch
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from small4.config import RopeConfig  # noqa: E402
-from small4.kernels.latent_reference import latent_write_reference  # noqa: E402
-from small4.kernels.latent_write import latent_write  # noqa: E402
-from small4.model.layers import RotaryEmbedding  # noqa: E402
+from small4.config import RopeConfig
+from small4.kernels.latent_reference import latent_write_reference
+from small4.kernels.latent_write import latent_write
+from small4.model.layers import RotaryEmbedding
 
 EPS = 1e-6
 FP8 = torch.float8_e4m3fn

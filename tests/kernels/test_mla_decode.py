@@ -5,16 +5,12 @@ when attention decodes through it. Runs under the Triton interpreter on CPU tens
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from small4.kernels.mla_decode import choose_num_splits, mla_decode  # noqa: E402
-from small4.kernels.mla_reference import decode_attention_padded  # noqa: E402
-from small4.model.context import AttentionMetadata  # noqa: E402
+from small4.kernels.mla_decode import choose_num_splits, mla_decode
+from small4.kernels.mla_reference import decode_attention_padded
+from small4.model.context import AttentionMetadata
 
 C, R, SCALE = 32, 8, 0.3
 
