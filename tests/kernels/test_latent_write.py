@@ -2,7 +2,8 @@
 equals its reference twin, the attention module's own ops: over token counts, the real and small latent and rope
 widths, both rope layouts, float32 / bfloat16 / float8_e4m3fn caches, block sizes, scrambled and padding (-1)
 slots; rows it must not write stay bit-for-bit untouched; and the engine's greedy tokens do not change when the
-attention layers write through it. Runs under the Triton interpreter on CPU tensors.
+attention layers write through it. Runs on the test device (the interpreter on CPU); a long chunk at the real widths on
+CUDA only.
 
 Tolerances: the rope half and every cast are bit-exact (the kernel rounds where PyTorch rounds, and casts by
 round-to-nearest-even with float8 saturation exactly like ``Tensor.to``); only the RMSNorm sum of squares is summed
@@ -78,8 +79,20 @@ GRID = [(T, C, R) for T in (1, 5, 33) for C, R in ((16, 8), (256, 64), (16, 64),
         (torch.float32, torch.bfloat16, 1),
     ],
 )
-def test_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size):
-    ckv, weight, cos, sin, slots, cache = make_case(T, C, R, interleave, x_dtype, cache_dtype, block_size, seed=T + C)
+def test_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size, device):
+    check_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_real_shapes(cache_dtype, device):
+    """A long prefill chunk at the real widths (latent 256 + rope 64), 16-token blocks, a bfloat16 model."""
+    check_matches_reference(8192, 256, 64, True, torch.bfloat16, cache_dtype, 16, device)
+
+
+def check_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size, device):
+    case = make_case(T, C, R, interleave, x_dtype, cache_dtype, block_size, seed=T + C)
+    ckv, weight, cos, sin, slots, cache = (t.to(device) for t in case)
     initial = cache.clone()
     ref_cache, got_cache = cache.clone(), cache.clone()
     want = latent_write_reference(ckv, weight, EPS, cos, sin, interleave, slots, ref_cache)
@@ -91,7 +104,7 @@ def test_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size
 
     flat, initial_flat = got_cache.view(-1, C + R), initial.view(-1, C + R)
     written = slots[slots >= 0]
-    untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=device)
     untouched[written] = False
     assert torch.equal(bits(flat[untouched]), bits(initial_flat[untouched]))  # padding and foreign rows
     valid = slots >= 0
@@ -100,22 +113,23 @@ def test_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
-def test_casts_match_torch_at_the_edges(cache_dtype):
+def test_casts_match_torch_at_the_edges(cache_dtype, device):
     """Ties, float8 subnormals, values past float8's 448 (saturated, also past 464) cast exactly as ``Tensor.to``
     does. The rope part is [x1, x2] with cos=1, sin=0, so x1 reaches the cache unchanged (no infinities: inf * 0)."""
     edges = [447.0, 456.0, 464.0, 465.0, 480.0, 1e6, 1e30, -1e30, -500.0, 1.0625, 1.1875, -0.0]
     edges += [2**-10, 1.5 * 2**-9, 2.5 * 2**-9, 3 * 2**-11, 1.00390625, 1.01171875, -(2**-12), 2**-6 - 2**-11]
     R = 2 * len(edges)
-    ckv = torch.cat([torch.ones(1, 4), torch.tensor([edges + [0.0] * len(edges)])], dim=-1)  # x2 = 0
-    cos, sin = torch.ones(1, R // 2), torch.zeros(1, R // 2)
-    cache = torch.zeros(1, 1, 4 + R, dtype=cache_dtype)
-    got = latent_write(ckv, torch.ones(4), EPS, cos, sin, False, torch.tensor([0]), cache)
+    ckv = torch.cat([torch.ones(1, 4), torch.tensor([edges + [0.0] * len(edges)])], dim=-1).to(device)  # x2 = 0
+    cos, sin = torch.ones(1, R // 2, device=device), torch.zeros(1, R // 2, device=device)
+    cache = torch.zeros(1, 1, 4 + R, dtype=cache_dtype, device=device)
+    got = latent_write(ckv, torch.ones(4, device=device), EPS, cos, sin, False, torch.tensor([0], device=device), cache)
     assert torch.equal(bits(cache[0]), bits(got.to(cache_dtype)))
-    assert torch.equal(got[0, 4 : 4 + len(edges)], torch.tensor(edges))
+    assert torch.equal(got[0, 4 : 4 + len(edges)].cpu(), torch.tensor(edges))
 
 
-def test_without_cache_only_returns_latents():
-    ckv, weight, cos, sin, slots, cache = make_case(5, 16, 8, True, torch.bfloat16, torch.bfloat16, 4, seed=1)
+def test_without_cache_only_returns_latents(device):
+    case = make_case(5, 16, 8, True, torch.bfloat16, torch.bfloat16, 4, seed=1)
+    ckv, weight, cos, sin, slots, cache = (t.to(device) for t in case)
     want = latent_write_reference(ckv, weight, EPS, cos, sin, True)
     initial = cache.clone()
     for slot_mapping, kv_cache in ((None, None), (slots, None), (None, cache)):
@@ -126,8 +140,9 @@ def test_without_cache_only_returns_latents():
     assert empty.shape == (0, 24)
 
 
-def test_rejects_mismatched_shapes():
-    ckv, weight, cos, sin, slots, cache = make_case(5, 16, 8, True, torch.float32, torch.float32, 4, seed=2)
+def test_rejects_mismatched_shapes(device):
+    case = make_case(5, 16, 8, True, torch.float32, torch.float32, 4, seed=2)
+    ckv, weight, cos, sin, slots, cache = (t.to(device) for t in case)
     with pytest.raises(ValueError, match="cos/sin"):
         latent_write(ckv, weight, EPS, cos[:, :3], sin[:, :3], True)
     with pytest.raises(ValueError, match="kv_cache"):
