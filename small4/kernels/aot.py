@@ -61,7 +61,7 @@ class Compiled:
     registers: int | None = None
     spill_stores: int | None = None
     spill_loads: int | None = None
-    mma: str | None = None  # the tensor-core instruction in the PTX: "wgmma" (Hopper), "mma.sync", or None
+    mma: str | None = None  # tensor-core instruction in the PTX: tcgen05.mma (Blackwell), wgmma (Hopper), mma.sync
 
     @property
     def spills(self) -> bool:
@@ -275,7 +275,7 @@ def check(cases: list[tuple[str, Callable[[], object]]], arch: int = 90, log=pri
                     seen[md.hash] = ptxas_resources(kernel.asm["ptx"], arch)
                 regs, stores, loads = seen[md.hash]
                 shared, ptx = int(md.shared), kernel.asm["ptx"]
-                mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else None
+                mma = next((m for m in ("tcgen05.mma", "wgmma", "mma.sync") if m in ptx), None)
                 c = Compiled(name, kernel_name, constexprs, md.num_warps, md.num_stages, shared,
                              shared <= SMEM_LIMIT[arch], regs, stores, loads, mma)  # fmt: skip
                 report.compiled.append(c)

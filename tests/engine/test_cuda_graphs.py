@@ -118,12 +118,12 @@ def test_captured_decode_graphs_replay_like_eager(model_dir, device):
     assert sorted(graphs.graphs) == graphs.ladder == [1, 2, 4, 8]
 
 
-def test_engine_greedy_same_through_static_decode_path(model_dir):
+def test_engine_greedy_same_through_static_decode_path(model_dir, device):
     prompts = [list(range(1000 + i, 1000 + i + n)) for i, n in enumerate((3, 11, 6, 20, 1))]
     params = SamplingParams(temperature=0.0, max_tokens=10)
     outputs = []
     for use_graphs in (False, True):
-        llm = LLM(model_dir, EngineConfig(block_size=BLOCK, max_num_seqs=4))
+        llm = LLM(model_dir, EngineConfig(block_size=BLOCK, max_num_seqs=4, device=str(device), enforce_eager=True))
         runner = llm.engine.runner
         calls = 0
         if use_graphs:

@@ -167,7 +167,7 @@ def test_reference_imports_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
-def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch):
+def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
     """The real engine with the attention layers on the Triton path (latent write and MLA decode) generates the same
     greedy tokens as the all-reference engine, every prefill and decode step writing its latents through the
     kernel. Only attention is switched, so the test does not depend on other kernels."""
@@ -182,7 +182,7 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch):
     prompt, params = [[1, 1100, 1200, 1299], [1, 1050]], SamplingParams(temperature=0, max_tokens=6)
 
     def generate():
-        llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20))
+        llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20, device=str(device)))
         return [list(r.outputs[0].token_ids) for r in llm.generate(prompt, params)]
 
     monkeypatch.setenv("SMALL4_KERNELS", "reference")

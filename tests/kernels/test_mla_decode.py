@@ -117,7 +117,7 @@ def test_split_heuristic():
         assert choose_num_splits(512, 2, 1 << 17, cuda) == 1  # a full batch fills the GPU alone
 
 
-def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch):
+def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
     """The real engine (decode steps through the kernel, prefill through the reference) generates the same greedy
     tokens as the all-reference engine. Only attention is switched, so the test does not depend on other kernels."""
     from small4.config import EngineConfig
@@ -131,7 +131,7 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch):
     prompt, params = [[1, 1100, 1200, 1299], [1, 1050]], SamplingParams(temperature=0, max_tokens=6)
 
     def generate():
-        llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20))
+        llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20, device=str(device)))
         return [list(r.outputs[0].token_ids) for r in llm.generate(prompt, params)]
 
     monkeypatch.setenv("SMALL4_KERNELS", "reference")
