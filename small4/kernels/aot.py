@@ -14,8 +14,8 @@ count per config suffices.
 
 Run ``python -m small4.kernels.aot [--grid] [--arch 90|100] [--out report.json]`` (without ``TRITON_INTERPRET``);
 ``--write-fit`` records which grid configs fit in ``GRID_FIT_PATH``, which ``tune-moe`` reads to skip the rest.
-The CI test compiles a representative subset (``--subset ci``). Must run in its own process: it replaces Triton's
-active driver.
+The CI test compiles a representative subset for sm_90 (``--subset ci``) and one case per kernel for sm_100
+(``--subset smoke``). Must run in its own process: it replaces Triton's active driver.
 """
 
 from __future__ import annotations
@@ -253,6 +253,12 @@ def ci_cases() -> list[tuple[str, Callable[[], object]]]:
     return cases + grid_cases(configs=CI_GRID)
 
 
+def smoke_cases() -> list[tuple[str, Callable[[], object]]]:
+    """One case per kernel and format with the largest default tiles: a quick check of another architecture."""
+    keep = ("T=2049", "splits=32", "latent_write")
+    return [c for c in default_cases() if any(k in c[0] for k in keep)]
+
+
 def check(cases: list[tuple[str, Callable[[], object]]], arch: int = 90, log=print) -> Report:
     """Compiles each case for ``arch`` and collects every kernel it launched; a case that fails to compile is an
     error entry (with Triton's message), not an exception."""
@@ -316,13 +322,19 @@ def load_grid_fit(path: Path = GRID_FIT_PATH, arch: int = 90) -> dict[str, dict[
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m small4.kernels.aot", description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, choices=sorted(SMEM_LIMIT), default=90)
-    p.add_argument("--subset", choices=["default", "ci", "grid", "all"], default="default")
+    p.add_argument("--subset", choices=["default", "ci", "smoke", "grid", "all"], default="default")
     p.add_argument("--weights", default=",".join(MOE_WEIGHTS), help="grid: expert formats (comma list)")
     p.add_argument("--out", help="write the report JSON here")
     p.add_argument("--write-fit", action="store_true", help="record the grid's fit in " + str(GRID_FIT_PATH))
     args = p.parse_args(argv)
     grid = grid_cases(tuple(args.weights.split(",")))
-    cases = {"default": default_cases, "ci": ci_cases, "grid": lambda: grid, "all": lambda: default_cases() + grid}
+    cases = {
+        "default": default_cases,
+        "ci": ci_cases,
+        "smoke": smoke_cases,
+        "grid": lambda: grid,
+        "all": lambda: default_cases() + grid,
+    }
     report = check(cases[args.subset](), args.arch)
     bad = [c for c in report.compiled if not c.shared_ok]
     spills = [c for c in report.compiled if c.spills]

@@ -1,9 +1,10 @@
 """Every Triton kernel compiles for sm_90 with no GPU present, at the real model shapes and the block sizes the
 code picks (the fused MoE's default table for BF16 / FP8 / NVFP4 experts, MLA decode's tiles and merge widths for
 both caches, the latent write), within Hopper's 232,448 bytes of shared memory and without register spills; the
-check itself sees an over-sized tune-grid corner. Runs ``python -m small4.kernels.aot --subset ci`` in its own
-process (it swaps Triton's driver, and needs the compiler, not the interpreter). The full sweep, every tune-grid
-config, is ``python -m small4.kernels.aot --subset all`` (minutes)."""
+check itself sees an over-sized tune-grid corner; and one config per kernel compiles for sm_100. Runs
+``python -m small4.kernels.aot --subset ci`` (and ``--subset smoke --arch 100``) in its own process (it swaps
+Triton's driver, and needs the compiler, not the interpreter). The full sweep, every tune-grid config, is
+``python -m small4.kernels.aot --subset all`` (tens of minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -31,16 +32,19 @@ KERNELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("aot") / "report.json"
+def run_check(out: Path, subset: str, arch: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "small4.kernels.aot", "--subset", "ci", "--arch", "90", "--out", str(out)]
+    cmd = [sys.executable, "-m", "small4.kernels.aot", "--subset", subset, "--arch", str(arch), "--out", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
     print(done.stdout[-4000:])  # the per-kernel table, shown with -s or on failure
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    return run_check(tmp_path_factory.mktemp("aot") / "report.json", "ci", 90)
 
 
 def test_every_default_config_compiles_fits_and_does_not_spill(report):
@@ -61,6 +65,15 @@ def test_the_check_sees_a_grid_config_over_shared_memory(report):
     corner = [c for c in report["compiled"] if c["case"].startswith("grid bf16") and '"BLOCK_K": 128' in c["case"]]
     gate_up = [c for c in corner if c["kernel"] == "_gate_up_silu_kernel" and '"BLOCK_M": 128' in c["case"]]
     assert gate_up and not gate_up[0]["shared_ok"] and gate_up[0]["shared"] > SMEM_LIMIT[90]
+
+
+def test_sm100_one_config_per_kernel(tmp_path):
+    """Blackwell (sm_100, ptxas-blackwell from the wheel): the largest default tiles of every kernel and format."""
+    report = run_check(tmp_path / "report.json", "smoke", 100)
+    assert report["errors"] == [] and report["smem_limit"] == SMEM_LIMIT[100]
+    assert {c["kernel"] for c in report["compiled"]} == KERNELS
+    for c in report["compiled"]:
+        assert c["shared_ok"] and c["spill_stores"] == 0 and c["spill_loads"] == 0, c
 
 
 def test_grid_fit_drops_what_does_not_fit():
