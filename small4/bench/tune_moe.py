@@ -153,7 +153,10 @@ def tune(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], torc
     device = torch.device(device)
     shapes = TINY_SHAPES if args.tiny else FULL_SHAPES
     grid = TINY_GRID if args.tiny else FULL_GRID
-    configs, dropped = fitting(candidates(grid), args.dtype, None if args.tiny else _grid_fit(device))
+    fit = None if args.tiny else _grid_fit(device)
+    if fit is None and not args.tiny:
+        print("  no recorded compile check for this GPU's architecture: every grid config is timed")
+    configs, dropped = fitting(candidates(grid), args.dtype, fit)
     for d in dropped:
         print(f"  dropped {d['config']}: {'; '.join(d['why'])}")
     problem = make_problem(shapes, args.dtype, device, args.seed)

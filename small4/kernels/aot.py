@@ -311,12 +311,29 @@ def grid_fit(report: Report) -> dict[str, Any]:
     return {"arch": report.arch, "triton": report.triton, "formats": out}
 
 
+def report_from_json(data: dict[str, Any]) -> Report:
+    """A report written by ``--out``, read back (to record the grid's fit without compiling again)."""
+    report = Report(arch=data["arch"], triton=data["triton"], errors=data["errors"], seconds=data["seconds"])
+    report.compiled = [Compiled(**c) for c in data["compiled"]]
+    return report
+
+
 def load_grid_fit(path: Path = GRID_FIT_PATH, arch: int = 90) -> dict[str, dict[str, Any]] | None:
     """The recorded fit of the tune grid for ``arch`` (format -> config JSON -> {fits, why}); None if not recorded."""
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
     return data.get(str(arch), {}).get("formats")
+
+
+def write_fit(report: Report, path: Path = GRID_FIT_PATH) -> None:
+    """Records the grid's fit for the report's architecture, keeping the other architectures' records."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[str(report.arch)] = grid_fit(report)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    fit = data[str(report.arch)]["formats"]
+    dropped = sum(not e["fits"] for entries in fit.values() for e in entries.values())
+    print(f"wrote {path}: sm_{report.arch}, {dropped} of {sum(map(len, fit.values()))} grid configs dropped")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=",".join(MOE_WEIGHTS), help="grid: expert formats (comma list)")
     p.add_argument("--out", help="write the report JSON here")
     p.add_argument("--write-fit", action="store_true", help="record the grid's fit in " + str(GRID_FIT_PATH))
+    p.add_argument("--from-report", help="with --write-fit: take the results of an earlier --out, compile nothing")
     args = p.parse_args(argv)
+    if args.from_report:
+        report = report_from_json(json.loads(Path(args.from_report).read_text()))
+        write_fit(report)
+        return 0
     grid = grid_cases(tuple(args.weights.split(",")))
     cases = {
         "default": default_cases,
@@ -343,9 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(report.to_json(), indent=1) + "\n")
     if args.write_fit:
-        data = json.loads(GRID_FIT_PATH.read_text()) if GRID_FIT_PATH.is_file() else {}
-        data[str(args.arch)] = grid_fit(report)
-        GRID_FIT_PATH.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        write_fit(report)
     return 1 if report.errors and args.subset != "grid" else 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from small4.kernels.aot import SMEM_LIMIT, Compiled, Report, grid_fit
+from small4.kernels.aot import SMEM_LIMIT, Compiled, Report, grid_fit, load_grid_fit, report_from_json, write_fit
 
 pytest.importorskip("triton.backends.nvidia.compiler", reason="the triton wheel ships the CUDA backend and ptxas")
 
@@ -76,7 +76,7 @@ def test_sm100_one_config_per_kernel(tmp_path):
         assert c["shared_ok"] and c["spill_stores"] == 0 and c["spill_loads"] == 0, c
 
 
-def test_grid_fit_drops_what_does_not_fit():
+def test_grid_fit_drops_what_does_not_fit(tmp_path):
     from small4.bench.tune_moe import fitting
 
     big = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4}
@@ -88,7 +88,9 @@ def test_grid_fit_drops_what_does_not_fit():
         Compiled(f"grid bf16 {key}", "_down_kernel", {}, 8, 4, 100_000, True, 255, 64, 64),
         Compiled(f"grid bf16 {json.dumps(small, sort_keys=True)}", "_down_kernel", {}, 4, 3, 9_000, True, 80, 0, 0),
     ]
-    fit = grid_fit(report)["formats"]
+    write_fit(report_from_json(report.to_json()), tmp_path / "fit.json")  # the file tune-moe reads, round trip
+    fit = load_grid_fit(tmp_path / "fit.json", arch=90)
+    assert fit == grid_fit(report)["formats"] and load_grid_fit(tmp_path / "fit.json", arch=100) is None
     assert not fit["bf16"][key]["fits"] and len(fit["bf16"][key]["why"]) == 2  # shared memory and the spill
     kept, dropped = fitting([big, small], "bf16", fit)
     assert kept == [small] and dropped[0]["config"] == big
