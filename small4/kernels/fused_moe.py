@@ -19,7 +19,8 @@ stay in the input dtype; accumulation is float32. The hot path never syncs with 
 bounded on the host (T * k + E * (BLOCK_M - 1)) and the true one is read by the kernels from a device tensor.
 
 The reference twin is ``small4.kernels.moe_reference.fused_moe_reference`` (dense weights; FP8 dequantised by the
-caller).
+caller). ``fused_moe_nvfp4`` runs the same two GEMMs over NVFP4 experts kept 4-bit in memory (section below); its
+twin is ``fused_moe_nvfp4_reference``.
 """
 
 from __future__ import annotations
