@@ -67,6 +67,15 @@ def test_the_check_sees_a_grid_config_over_shared_memory(report):
     assert gate_up and not gate_up[0]["shared_ok"] and gate_up[0]["shared"] > SMEM_LIMIT[90]
 
 
+def test_recorded_grid_fit_agrees_with_a_fresh_compile(report):
+    """The committed record tune-moe filters with says of the compiled grid corner what the compiler says now."""
+    recorded = load_grid_fit(arch=90)
+    assert recorded is not None
+    fresh = grid_fit(report_from_json(report))["formats"]
+    pairs = [(recorded[f][c]["fits"], e["fits"]) for f, cfgs in fresh.items() for c, e in cfgs.items() if c in recorded[f]]
+    assert len(pairs) >= 2 and all(was == now for was, now in pairs)  # bf16 and fp8 at least (nvfp4 if recorded)
+
+
 def test_sm100_one_config_per_kernel(tmp_path):
     """Blackwell (sm_100, ptxas-blackwell from the wheel): the largest default tiles of every kernel and format."""
     report = run_check(tmp_path / "report.json", "smoke", 100)
