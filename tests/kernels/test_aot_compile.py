@@ -72,7 +72,9 @@ def test_recorded_grid_fit_agrees_with_a_fresh_compile(report):
     recorded = load_grid_fit(arch=90)
     assert recorded is not None
     fresh = grid_fit(report_from_json(report))["formats"]
-    pairs = [(recorded[f][c]["fits"], e["fits"]) for f, cfgs in fresh.items() for c, e in cfgs.items() if c in recorded[f]]
+    pairs = [
+        (recorded[f][c]["fits"], e["fits"]) for f, got in fresh.items() for c, e in got.items() if c in recorded[f]
+    ]
     assert len(pairs) >= 2 and all(was == now for was, now in pairs)  # bf16 and fp8 at least (nvfp4 if recorded)
 
 
