@@ -19,7 +19,8 @@ stay in the input dtype; accumulation is float32. The hot path never syncs with 
 bounded on the host (T * k + E * (BLOCK_M - 1)) and the true one is read by the kernels from a device tensor.
 
 The reference twin is ``small4.kernels.moe_reference.fused_moe_reference`` (dense weights; FP8 dequantised by the
-caller).
+caller). ``fused_moe_nvfp4`` runs the same two GEMMs over NVFP4 experts kept 4-bit in memory (section below); its
+twin is ``fused_moe_nvfp4_reference``.
 """
 
 from __future__ import annotations
@@ -366,6 +367,312 @@ def fused_moe(
         BLOCK_K=bk,
         DOT_PRECISION=precision,
         UPCAST=upcast,
+        **launch,
+    )
+    return y.view(T, k, H).sum(dim=1)  # [T, H]
+
+
+# ---------------------------------------------------------------- NVFP4 (weight-only 4-bit)
+#
+# Weights packed two E2M1 codes per byte along the reduction dim (element 2j in the low nibble, 2j + 1 in the high
+# one), one E4M3 scale per 16 values and a per-expert float32 divisor (``small4.kernels.nvfp4``). A K-step of
+# BLOCK_K values is one [BLOCK_K / 2, BLOCK_N] tile of packed bytes: its low nibbles are the weights of the even
+# k, its high nibbles those of the odd k, so the step is two dots, even activation columns against the low
+# nibbles and odd columns against the high ones, and nothing is ever interleaved in registers. Both k of a byte
+# share one 16-value scale block (16 is even), so one gathered scale tile serves both halves.
+
+
+@triton.jit
+def _e2m1(code):
+    """4-bit E2M1 codes (int32) -> float32 values, exactly: magnitude (2 + m) * 2^e / 4 (e = 1..3) or m / 2 (e = 0)
+    for the code's 2-bit exponent e and 1-bit mantissa m; bit 3 is the sign. Integer ops, no table, no denormals."""
+    e = (code >> 1) & 3
+    m = code & 1
+    q = tl.where(e == 0, 2 * m, (2 + m) << e)  # 4 * |value|
+    v = q.to(tl.float32) * 0.25
+    return tl.where((code & 8) != 0, -v, v)
+
+
+@triton.jit
+def _to_act(w, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
+    """float32 -> the activation dtype, round to nearest even. The interpreter truncates float32 -> bfloat16
+    casts (a bias of half an ulp on every weight), so under it (RNE_BF16) the rounding is done on the bits and
+    the tile stays float32 holding bfloat16 values (the dot upcasts there anyway)."""
+    if RNE_BF16:
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    else:
+        return w.to(dtype)
+
+
+@triton.jit
+def _fp4_tiles(w_ptrs, s_ptrs, mask, inv_global, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
+    """One [BLOCK_K / 2, BLOCK_N] tile of packed bytes and its gathered scales -> the dequantised even-k and odd-k
+    weight tiles in ``dtype``: e2m1 * block_scale * (1 / global), rounded once to the activation dtype."""
+    packed = tl.load(w_ptrs, mask=mask, other=0).to(tl.int32)
+    step = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32) * inv_global
+    w_even = _to_act(_e2m1(packed & 0xF) * step, dtype, RNE_BF16)
+    w_odd = _to_act(_e2m1(packed >> 4) * step, dtype, RNE_BF16)
+    return w_even, w_odd
+
+
+@triton.jit
+def _gate_up_silu_nvfp4_kernel(
+    x_ptr,
+    w_ptr,
+    ws_ptr,
+    wg_ptr,
+    h_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_post_padded_ptr,
+    num_slots,
+    I,
+    K,
+    top_k,
+    stride_xt,
+    stride_xk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_se,
+    stride_sn,
+    stride_sk,
+    stride_ht,
+    stride_hn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+):
+    """``_gate_up_silu_kernel`` over NVFP4 weights: w13 packed [E, 2I, K/2], scales [E, 2I, K/16], divisors [E, 2]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    num_post_padded = tl.load(num_post_padded_ptr)
+    if pid_m * BLOCK_M >= num_post_padded:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)  # [BM]
+    valid = slots < num_slots
+    tokens = slots // top_k
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < I
+    offs_p = tl.arange(0, BLOCK_K // 2)  # packed column (byte) within the step; covers k = 2p and 2p + 1
+    x_even = x_ptr + tokens[:, None] * stride_xt + (2 * offs_p)[None, :] * stride_xk  # [BM, BK/2]
+    g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_p[:, None] * stride_wk  # [BK/2, BN]
+    u_ptrs = g_ptrs + I * stride_wn
+    gs_ptrs = ws_ptr + expert * stride_se + offs_n[None, :] * stride_sn + (offs_p // 8)[:, None] * stride_sk
+    us_ptrs = gs_ptrs + I * stride_sn
+    inv_g = 1.0 / tl.load(wg_ptr + expert * 2)
+    inv_u = 1.0 / tl.load(wg_ptr + expert * 2 + 1)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        p_mask = offs_p < (K - k0) // 2  # K is a multiple of 16: a step's tail is whole bytes
+        a_mask = valid[:, None] & p_mask[None, :]
+        a_even = tl.load(x_even, mask=a_mask, other=0.0)
+        a_odd = tl.load(x_even + stride_xk, mask=a_mask, other=0.0)
+        w_mask = p_mask[:, None] & n_mask[None, :]
+        g_even, g_odd = _fp4_tiles(g_ptrs, gs_ptrs, w_mask, inv_g, a_even.dtype, RNE_BF16)
+        u_even, u_odd = _fp4_tiles(u_ptrs, us_ptrs, w_mask, inv_u, a_even.dtype, RNE_BF16)
+        acc_g = _dot(a_even, g_even, acc_g, DOT_PRECISION, UPCAST)
+        acc_g = _dot(a_odd, g_odd, acc_g, DOT_PRECISION, UPCAST)
+        acc_u = _dot(a_even, u_even, acc_u, DOT_PRECISION, UPCAST)
+        acc_u = _dot(a_odd, u_odd, acc_u, DOT_PRECISION, UPCAST)
+        x_even += BLOCK_K * stride_xk
+        g_ptrs += (BLOCK_K // 2) * stride_wk
+        u_ptrs += (BLOCK_K // 2) * stride_wk
+        gs_ptrs += (BLOCK_K // 16) * stride_sk
+        us_ptrs += (BLOCK_K // 16) * stride_sk
+    h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up, float32
+    h_ptrs = h_ptr + slots[:, None] * stride_ht + offs_n[None, :] * stride_hn
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _down_nvfp4_kernel(
+    h_ptr,
+    w_ptr,
+    ws_ptr,
+    wg_ptr,
+    topk_weights_ptr,
+    y_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_post_padded_ptr,
+    num_slots,
+    N,
+    K,
+    stride_ht,
+    stride_hk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_se,
+    stride_sn,
+    stride_sk,
+    stride_yt,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+):
+    """``_down_kernel`` over NVFP4 weights: w2 packed [E, H, I/2], scales [E, H, I/16], divisors [E]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    num_post_padded = tl.load(num_post_padded_ptr)
+    if pid_m * BLOCK_M >= num_post_padded:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)  # [BM]
+    valid = slots < num_slots
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_p = tl.arange(0, BLOCK_K // 2)
+    a_even = h_ptr + slots[:, None] * stride_ht + (2 * offs_p)[None, :] * stride_hk  # [BM, BK/2]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_p[:, None] * stride_wk  # [BK/2, BN]
+    s_ptrs = ws_ptr + expert * stride_se + offs_n[None, :] * stride_sn + (offs_p // 8)[:, None] * stride_sk
+    inv_g = 1.0 / tl.load(wg_ptr + expert)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        p_mask = offs_p < (K - k0) // 2
+        a_mask = valid[:, None] & p_mask[None, :]
+        a0 = tl.load(a_even, mask=a_mask, other=0.0)
+        a1 = tl.load(a_even + stride_hk, mask=a_mask, other=0.0)
+        w0, w1 = _fp4_tiles(w_ptrs, s_ptrs, p_mask[:, None] & n_mask[None, :], inv_g, a0.dtype, RNE_BF16)
+        acc = _dot(a0, w0, acc, DOT_PRECISION, UPCAST)
+        acc = _dot(a1, w1, acc, DOT_PRECISION, UPCAST)
+        a_even += BLOCK_K * stride_hk
+        w_ptrs += (BLOCK_K // 2) * stride_wk
+        s_ptrs += (BLOCK_K // 16) * stride_sk
+    weight = tl.load(topk_weights_ptr + slots, mask=valid, other=0.0).to(tl.float32)  # [BM]
+    acc = acc * weight[:, None]
+    y_ptrs = y_ptr + slots[:, None] * stride_yt + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+
+
+def _check_nvfp4(x, w13_packed, w13_block_scale, w13_global, w2_packed, w2_block_scale, w2_global) -> int:
+    """Validates the NVFP4 operands once at the kernel's edge; returns I."""
+    T, H = x.shape
+    E, two_i, half_h = w13_packed.shape
+    I = two_i // 2
+    want = {
+        "w13_packed": (w13_packed, torch.uint8, (E, 2 * I, H // 2)),
+        "w13_block_scale": (w13_block_scale, torch.float8_e4m3fn, (E, 2 * I, H // 16)),
+        "w13_global": (w13_global, torch.float32, (E, 2)),
+        "w2_packed": (w2_packed, torch.uint8, (E, H, I // 2)),
+        "w2_block_scale": (w2_block_scale, torch.float8_e4m3fn, (E, H, I // 16)),
+        "w2_global": (w2_global, torch.float32, (E,)),
+    }
+    if H % 16 or I % 16 or two_i != 2 * I:
+        raise ValueError(
+            f"NVFP4 needs hidden and width multiples of 16, got x {tuple(x.shape)}, w13 {tuple(w13_packed.shape)}"
+        )
+    for name, (t, dtype, shape) in want.items():
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+    return I
+
+
+def fused_moe_nvfp4(
+    x: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_block_scale: torch.Tensor,
+    w13_global: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_block_scale: torch.Tensor,
+    w2_global: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """``fused_moe`` with NVFP4 expert weights kept 4-bit in memory and dequantised tile by tile in the kernels.
+
+    x [T, H] (bfloat16, or float32 for parity); w13_packed uint8 [E, 2I, H/2] (low nibble = even element),
+    w13_block_scale float8_e4m3fn [E, 2I, H/16], w13_global float32 [E, 2] (the checkpoint's divisors of the gate
+    and the up half); w2_packed uint8 [E, H, I/2], w2_block_scale [E, H, I/16], w2_global float32 [E]. A weight is
+    e2m1(code) * block_scale / global (``small4.kernels.nvfp4.dequantize_nvfp4``). ``config``'s BLOCK_K must be
+    a multiple of 32 (two nibbles per byte times a 16-value scale block). Returns [T, H] in x's dtype.
+    """
+    T, H = x.shape
+    I = _check_nvfp4(x, w13_packed, w13_block_scale, w13_global, w2_packed, w2_block_scale, w2_global)
+    E = w13_packed.shape[0]
+    k = topk_ids.shape[1]
+    if T == 0:
+        return torch.zeros_like(x)
+    cfg = config or choose_config(T, x.device)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if bk % 32:
+        raise ValueError(f"NVFP4 needs BLOCK_K a multiple of 32, got {bk}")
+    launch = {} if _INTERPRET else {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 3)}
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    upcast = _INTERPRET and x.dtype != torch.float32
+    rne_bf16 = _INTERPRET and x.dtype == torch.bfloat16
+
+    sorted_ids, expert_ids, num_post_padded = moe_align(topk_ids, E, bm)
+    weights = topk_weights.reshape(-1).contiguous()  # [T * k], indexed by slot
+    num_slots = T * k
+    num_blocks = expert_ids.numel()
+    w13_global, w2_global = w13_global.contiguous(), w2_global.contiguous()
+
+    h = x.new_empty(num_slots, I)  # [T * k, I]
+    _gate_up_silu_nvfp4_kernel[(num_blocks, triton.cdiv(I, bn))](
+        x,
+        w13_packed,
+        w13_block_scale,
+        w13_global,
+        h,
+        sorted_ids,
+        expert_ids,
+        num_post_padded,
+        num_slots,
+        I,
+        H,
+        k,
+        *x.stride(),
+        *w13_packed.stride(),
+        *w13_block_scale.stride(),
+        *h.stride(),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        DOT_PRECISION=precision,
+        UPCAST=upcast,
+        RNE_BF16=rne_bf16,
+        **launch,
+    )
+    y = x.new_empty(num_slots, H)  # [T * k, H]
+    _down_nvfp4_kernel[(num_blocks, triton.cdiv(H, bn))](
+        h,
+        w2_packed,
+        w2_block_scale,
+        w2_global,
+        weights,
+        y,
+        sorted_ids,
+        expert_ids,
+        num_post_padded,
+        num_slots,
+        H,
+        I,
+        *h.stride(),
+        *w2_packed.stride(),
+        *w2_block_scale.stride(),
+        *y.stride(),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        DOT_PRECISION=precision,
+        UPCAST=upcast,
+        RNE_BF16=rne_bf16,
         **launch,
     )
     return y.view(T, k, H).sum(dim=1)  # [T, H]

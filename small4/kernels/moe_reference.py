@@ -36,3 +36,25 @@ def fused_moe_reference(
         y = y * topk_weights.reshape(-1)[slots, None].to(y.dtype)
         out.index_add_(0, tokens, y)
     return out
+
+
+def fused_moe_nvfp4_reference(
+    x: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_block_scale: torch.Tensor,
+    w13_global: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_block_scale: torch.Tensor,
+    w2_global: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Twin of ``fused_moe_nvfp4``: the weights dequantised to x's dtype (gate and up halves each with their own
+    divisor, ``w13_global`` [E, 2]), then ``fused_moe_reference``."""
+    from small4.kernels.nvfp4 import dequantize_nvfp4
+
+    I = w13_packed.shape[1] // 2
+    gate = dequantize_nvfp4(w13_packed[:, :I], w13_block_scale[:, :I], w13_global[:, 0], x.dtype)  # [E, I, H]
+    up = dequantize_nvfp4(w13_packed[:, I:], w13_block_scale[:, I:], w13_global[:, 1], x.dtype)  # [E, I, H]
+    w2 = dequantize_nvfp4(w2_packed, w2_block_scale, w2_global, x.dtype)  # [E, H, I]
+    return fused_moe_reference(x, torch.cat([gate, up], dim=1), w2, topk_ids, topk_weights)

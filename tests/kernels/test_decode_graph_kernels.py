@@ -11,13 +11,16 @@ from small4.engine.sampling_params import SamplingParams
 from small4.weights.tiny import TinySpec, make_tiny
 
 
-def test_graph_decode_with_triton_kernels_matches_reference(tmp_path, monkeypatch):
+def test_graph_decode_with_triton_kernels_matches_reference(tmp_path, monkeypatch, device):
     make_tiny(tmp_path, layout="hf", seed=5, spec=TinySpec(num_layers=1, num_bpe_ranks=300))
     prompts = [[1, 1100, 1200, 1299], [1, 1050], [1, 1001, 1002, 1003, 1004, 1005, 1006]]
     params = SamplingParams(temperature=0, max_tokens=5)
 
     def generate(graphs: bool) -> list[list[int]]:
-        llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20, max_num_seqs=4))
+        config = EngineConfig(
+            block_size=4, kv_cache_memory=1 << 20, max_num_seqs=4, device=str(device), enforce_eager=not graphs
+        )
+        llm = LLM(str(tmp_path), config)
         runner = llm.engine.runner
         if graphs:
             runner.decode_graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.pad_block, 8, max_batch=4)

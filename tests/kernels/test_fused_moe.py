@@ -2,21 +2,18 @@
 get no tokens, every token on one expert, groups spanning several blocks, ragged tiles), float32 / bfloat16
 activations and FP8 weights with per-expert scales (against the reference on the dequantised weights); ``moe_align``
 keeps its invariants; and a tiny model's greedy tokens do not change when its experts run through the kernel.
-Runs under the Triton interpreter on CPU tensors."""
+Runs on the test device (``device`` fixture: the interpreter on CPU, compiled on CUDA); real-shape cases on CUDA
+only."""
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from small4.kernels.fused_moe import choose_config, fused_moe, moe_align  # noqa: E402
-from small4.kernels.moe_reference import fused_moe_reference  # noqa: E402
-from small4.model.moe import RoutedExperts  # noqa: E402
-from small4.weights.quant import FP8_MAX, dequantize_fp8  # noqa: E402
+from small4.kernels.fused_moe import choose_config, fused_moe, moe_align
+from small4.kernels.moe_reference import fused_moe_reference
+from small4.model.moe import RoutedExperts
+from small4.weights.quant import FP8_MAX, dequantize_fp8
 
 # Small tiles so a few tokens already span several blocks, several column tiles and several K steps.
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -84,9 +81,9 @@ def check_align(topk_ids, E, bm):
     return sorted_ids, expert_ids, num_post
 
 
-def test_moe_align_hand_example():
+def test_moe_align_hand_example(device):
     # T=3, k=2, slots 0..5 -> experts [2, 0, 2, 1, 0, 2]; block 2: expert 0 {1, 4}, 1 {3}, 2 {0, 2, 5} -> 2 blocks
-    ids = torch.tensor([[2, 0], [2, 1], [0, 2]])
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2]], device=device)
     sorted_ids, expert_ids, num_post = check_align(ids, 4, 2)
     S = 6
     assert sorted_ids[:8].tolist() == [1, 4, 3, S, 0, 2, 5, S]
@@ -95,10 +92,10 @@ def test_moe_align_hand_example():
 
 
 @pytest.mark.parametrize("T,E,k,bm", [(1, 4, 1, 16), (17, 8, 2, 4), (40, 8, 2, 16), (5, 128, 4, 16)])
-def test_moe_align_invariants(T, E, k, bm):
+def test_moe_align_invariants(T, E, k, bm, device):
     g = torch.Generator().manual_seed(T * 31 + E)
     ids, _ = random_routing(T, E, k, g)
-    check_align(ids, E, bm)
+    check_align(ids.to(device), E, bm)
 
 
 def test_moe_align_one_expert_and_empty_experts():
@@ -112,11 +109,12 @@ def test_moe_align_one_expert_and_empty_experts():
 @pytest.mark.parametrize("T", [1, 3, 17])
 @pytest.mark.parametrize("E,k", [(4, 1), (8, 2)])
 @pytest.mark.parametrize("H,I", [(32, 64), (48, 40)])
-def test_matches_reference_fp32(T, E, k, H, I):
+def test_matches_reference_fp32(T, E, k, H, I, device):
     g = torch.Generator().manual_seed(1000 * T + 10 * E + H)
     x = torch.randn(T, H, generator=g)
     w13, w2 = make_weights(E, H, I, g)
     ids, weights = random_routing(T, E, k, g)
+    x, w13, w2, ids, weights = (t.to(device) for t in (x, w13, w2, ids, weights))
     ref = fused_moe_reference(x, w13, w2, ids, weights)
     assert_close(fused_moe(x, w13, w2, ids, weights, config=SMALL), ref, torch.float32)
     if (H, I) == (32, 64):  # the tuned table's choice for this T too
@@ -132,25 +130,27 @@ def test_matches_reference_fp32(T, E, k, H, I):
     ],
     ids=["all-to-one", "two-experts", "one-token"],
 )
-def test_edge_routings(ids):
+def test_edge_routings(ids, device):
     g = torch.Generator().manual_seed(5)
     T, k = ids.shape
     E, H, I = 4, 32, 64
     x = torch.randn(T, H, generator=g)
     w13, w2 = make_weights(E, H, I, g)
     weights = torch.rand(T, k, generator=g)
+    x, w13, w2, ids, weights = (t.to(device) for t in (x, w13, w2, ids, weights))
     ref = fused_moe_reference(x, w13, w2, ids, weights)
     assert_close(fused_moe(x, w13, w2, ids, weights, config=SMALL), ref, torch.float32)
 
 
 @pytest.mark.parametrize("T", [3, 17])
-def test_matches_reference_bf16(T):
+def test_matches_reference_bf16(T, device):
     g = torch.Generator().manual_seed(T)
     E, k, H, I = 8, 2, 32, 64
     x = torch.randn(T, H, generator=g).bfloat16()
     w13, w2 = (w.bfloat16() for w in make_weights(E, H, I, g))
     ids, weights = random_routing(T, E, k, g)
     weights = weights.bfloat16()
+    x, w13, w2, ids, weights = (t.to(device) for t in (x, w13, w2, ids, weights))
     ref = fused_moe_reference(x, w13, w2, ids, weights)
     out = fused_moe(x, w13, w2, ids, weights, config=SMALL)
     assert_close(out, ref, torch.bfloat16)
@@ -158,7 +158,7 @@ def test_matches_reference_bf16(T):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,k", [(1, 1), (17, 2)])
-def test_fp8_weights_match_dequantised_reference(dtype, T, k):
+def test_fp8_weights_match_dequantised_reference(dtype, T, k, device):
     g = torch.Generator().manual_seed(T + 7)
     E, H, I = 8, 32, 64
     w13, w2 = make_weights(E, H, I, g)
@@ -168,16 +168,18 @@ def test_fp8_weights_match_dequantised_reference(dtype, T, k):
     q2, s2 = quantize_per_expert(w2, 1)  # [E, H, I] fp8, [E, 1, 1]
     x = torch.randn(T, H, generator=g).to(dtype)
     ids, weights = random_routing(T, E, k, g)
+    q13, s13, q2, s2, x, ids, weights = (t.to(device) for t in (q13, s13, q2, s2, x, ids, weights))
     ref = fused_moe_reference(x, dequantize_fp8(q13, s13, dtype), dequantize_fp8(q2, s2, dtype), ids, weights)
     out = fused_moe(x, q13, q2, ids, weights, s13, s2, config=SMALL)
     assert_close(out, ref, dtype)
 
 
-def test_fp8_needs_scales():
-    w13 = torch.zeros(2, 8, 4).to(torch.float8_e4m3fn)  # [E, 2I, H]
-    w2 = torch.zeros(2, 4, 4).to(torch.float8_e4m3fn)  # [E, H, I]
+def test_fp8_needs_scales(device):
+    w13 = torch.zeros(2, 8, 4, device=device).to(torch.float8_e4m3fn)  # [E, 2I, H]
+    w2 = torch.zeros(2, 4, 4, device=device).to(torch.float8_e4m3fn)  # [E, H, I]
+    ids, weights = torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, 1, device=device)
     with pytest.raises(ValueError, match="w13_scale"):
-        fused_moe(torch.zeros(1, 4), w13, w2, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1))
+        fused_moe(torch.zeros(1, 4, device=device), w13, w2, ids, weights)
 
 
 def test_config_table_covers_every_token_count():
@@ -191,7 +193,7 @@ def test_config_table_covers_every_token_count():
 # ---------------------------------------------------------------- wiring
 
 
-def test_routed_experts_backends_agree_on_fp8(monkeypatch):
+def test_routed_experts_backends_agree_on_fp8(monkeypatch, device):
     """RoutedExperts hands FP8 weights and scales to the kernel as they are; the reference path dequantises."""
     g = torch.Generator().manual_seed(11)
     E, H, I, T, k = 4, 32, 64, 5, 2
@@ -199,24 +201,24 @@ def test_routed_experts_backends_agree_on_fp8(monkeypatch):
     experts = RoutedExperts(E, H, I)
     q13, s13 = quantize_per_expert(w13, 2)
     q2, s2 = quantize_per_expert(w2, 1)
-    experts.w13 = torch.nn.Parameter(q13, requires_grad=False)
-    experts.w2 = torch.nn.Parameter(q2, requires_grad=False)
-    experts.w13_scale, experts.w2_scale = s13, s2
-    x = torch.randn(T, H, generator=g)
-    ids, weights = random_routing(T, E, k, g)
+    experts.w13 = torch.nn.Parameter(q13.to(device), requires_grad=False)
+    experts.w2 = torch.nn.Parameter(q2.to(device), requires_grad=False)
+    experts.w13_scale, experts.w2_scale = s13.to(device), s2.to(device)
+    x = torch.randn(T, H, generator=g).to(device)
+    ids, weights = (t.to(device) for t in random_routing(T, E, k, g))
     monkeypatch.setenv("SMALL4_KERNELS", "reference")
     ref = experts(x, ids, weights)
     monkeypatch.setenv("SMALL4_KERNELS", "triton")
     assert_close(experts(x, ids, weights), ref, torch.float32)
 
 
-def test_tiny_model_greedy_tokens_unchanged(tmp_path, monkeypatch):
+def test_tiny_model_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
     from small4.model.context import AttentionMetadata
     from small4.weights.loader import load_model
     from small4.weights.tiny import TinySpec, make_tiny
 
     make_tiny(tmp_path, layout="hf", seed=7, spec=TinySpec(num_layers=1, num_bpe_ranks=300))
-    model = load_model(tmp_path, dtype=torch.float32, progress=False)
+    model = load_model(tmp_path, dtype=torch.float32, progress=False).to(device)
     prompt = [1, 45, 120, 77, 201, 9]
 
     def greedy(backend):
@@ -224,8 +226,9 @@ def test_tiny_model_greedy_tokens_unchanged(tmp_path, monkeypatch):
         ids, first = list(prompt), None
         with torch.no_grad():
             for _ in range(5):  # the prefill's token, then 4 decode steps (each recomputes the full prefill)
-                t = torch.tensor(ids)
-                hidden = model(t, torch.arange(len(ids)), AttentionMetadata.for_prefill([len(ids)]))
+                t = torch.tensor(ids, device=device)
+                positions = torch.arange(len(ids), device=device)
+                hidden = model(t, positions, AttentionMetadata.for_prefill([len(ids)]))
                 logits = model.compute_logits(hidden)  # [len(ids), vocab]
                 first = logits if first is None else first
                 ids.append(int(logits[-1].argmax()))
@@ -235,3 +238,26 @@ def test_tiny_model_greedy_tokens_unchanged(tmp_path, monkeypatch):
     ref_tokens, ref_logits = greedy("reference")
     assert tokens == ref_tokens
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weights", ["bf16", "fp8"])
+@pytest.mark.parametrize("T", [1, 64, 1024])
+def test_real_shapes(weights, T, device):
+    """Hidden 4096, 128 experts, top-4, width 2048, bfloat16 activations, the default block sizes."""
+    g = torch.Generator(device=device).manual_seed(T)
+    E, H, I, k = 128, 4096, 2048, 4
+    w13 = torch.randn(E, 2 * I, H, generator=g, device=device) / H**0.5
+    w2 = torch.randn(E, H, I, generator=g, device=device) / I**0.5
+    x = torch.randn(T, H, generator=g, device=device).bfloat16()
+    weights_, ids = torch.rand(T, E, generator=g, device=device).softmax(-1).topk(k, dim=-1)
+    weights_ = (weights_ / weights_.sum(-1, keepdim=True)).bfloat16()
+    if weights == "fp8":
+        q13, s13 = quantize_per_expert(w13, 2)
+        q2, s2 = quantize_per_expert(w2, 1)
+        ref = fused_moe_reference(x, dequantize_fp8(q13, s13, x.dtype), dequantize_fp8(q2, s2, x.dtype), ids, weights_)
+        out = fused_moe(x, q13, q2, ids, weights_, s13, s2)
+    else:
+        w13, w2 = w13.bfloat16(), w2.bfloat16()
+        ref, out = fused_moe_reference(x, w13, w2, ids, weights_), fused_moe(x, w13, w2, ids, weights_)
+    assert_close(out, ref, torch.bfloat16)

@@ -2,7 +2,8 @@
 equals its reference twin, the attention module's own ops: over token counts, the real and small latent and rope
 widths, both rope layouts, float32 / bfloat16 / float8_e4m3fn caches, block sizes, scrambled and padding (-1)
 slots; rows it must not write stay bit-for-bit untouched; and the engine's greedy tokens do not change when the
-attention layers write through it. Runs under the Triton interpreter on CPU tensors.
+attention layers write through it. Runs on the test device (the interpreter on CPU); a long chunk at the real widths on
+CUDA only.
 
 Tolerances: the rope half and every cast are bit-exact (the kernel rounds where PyTorch rounds, and casts by
 round-to-nearest-even with float8 saturation exactly like ``Tensor.to``); only the RMSNorm sum of squares is summed
@@ -13,19 +14,16 @@ float8 step, 2^-3 relative, at a rounding tie)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+import pytest
+import torch
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from small4.config import RopeConfig  # noqa: E402
-from small4.kernels.latent_reference import latent_write_reference  # noqa: E402
-from small4.kernels.latent_write import latent_write  # noqa: E402
-from small4.model.layers import RotaryEmbedding  # noqa: E402
+from small4.config import RopeConfig
+from small4.kernels.latent_reference import latent_write_reference
+from small4.kernels.latent_write import latent_write
+from small4.model.layers import RotaryEmbedding
 
 EPS = 1e-6
 FP8 = torch.float8_e4m3fn
@@ -81,8 +79,20 @@ GRID = [(T, C, R) for T in (1, 5, 33) for C, R in ((16, 8), (256, 64), (16, 64),
         (torch.float32, torch.bfloat16, 1),
     ],
 )
-def test_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size):
-    ckv, weight, cos, sin, slots, cache = make_case(T, C, R, interleave, x_dtype, cache_dtype, block_size, seed=T + C)
+def test_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size, device):
+    check_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_real_shapes(cache_dtype, device):
+    """A long prefill chunk at the real widths (latent 256 + rope 64), 16-token blocks, a bfloat16 model."""
+    check_matches_reference(8192, 256, 64, True, torch.bfloat16, cache_dtype, 16, device)
+
+
+def check_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size, device):
+    case = make_case(T, C, R, interleave, x_dtype, cache_dtype, block_size, seed=T + C)
+    ckv, weight, cos, sin, slots, cache = (t.to(device) for t in case)
     initial = cache.clone()
     ref_cache, got_cache = cache.clone(), cache.clone()
     want = latent_write_reference(ckv, weight, EPS, cos, sin, interleave, slots, ref_cache)
@@ -94,7 +104,7 @@ def test_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size
 
     flat, initial_flat = got_cache.view(-1, C + R), initial.view(-1, C + R)
     written = slots[slots >= 0]
-    untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=device)
     untouched[written] = False
     assert torch.equal(bits(flat[untouched]), bits(initial_flat[untouched]))  # padding and foreign rows
     valid = slots >= 0
@@ -103,22 +113,23 @@ def test_matches_reference(T, C, R, interleave, x_dtype, cache_dtype, block_size
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
-def test_casts_match_torch_at_the_edges(cache_dtype):
+def test_casts_match_torch_at_the_edges(cache_dtype, device):
     """Ties, float8 subnormals, values past float8's 448 (saturated, also past 464) cast exactly as ``Tensor.to``
     does. The rope part is [x1, x2] with cos=1, sin=0, so x1 reaches the cache unchanged (no infinities: inf * 0)."""
     edges = [447.0, 456.0, 464.0, 465.0, 480.0, 1e6, 1e30, -1e30, -500.0, 1.0625, 1.1875, -0.0]
     edges += [2**-10, 1.5 * 2**-9, 2.5 * 2**-9, 3 * 2**-11, 1.00390625, 1.01171875, -(2**-12), 2**-6 - 2**-11]
     R = 2 * len(edges)
-    ckv = torch.cat([torch.ones(1, 4), torch.tensor([edges + [0.0] * len(edges)])], dim=-1)  # x2 = 0
-    cos, sin = torch.ones(1, R // 2), torch.zeros(1, R // 2)
-    cache = torch.zeros(1, 1, 4 + R, dtype=cache_dtype)
-    got = latent_write(ckv, torch.ones(4), EPS, cos, sin, False, torch.tensor([0]), cache)
+    ckv = torch.cat([torch.ones(1, 4), torch.tensor([edges + [0.0] * len(edges)])], dim=-1).to(device)  # x2 = 0
+    cos, sin = torch.ones(1, R // 2, device=device), torch.zeros(1, R // 2, device=device)
+    cache = torch.zeros(1, 1, 4 + R, dtype=cache_dtype, device=device)
+    got = latent_write(ckv, torch.ones(4, device=device), EPS, cos, sin, False, torch.tensor([0], device=device), cache)
     assert torch.equal(bits(cache[0]), bits(got.to(cache_dtype)))
-    assert torch.equal(got[0, 4 : 4 + len(edges)], torch.tensor(edges))
+    assert torch.equal(got[0, 4 : 4 + len(edges)].cpu(), torch.tensor(edges))
 
 
-def test_without_cache_only_returns_latents():
-    ckv, weight, cos, sin, slots, cache = make_case(5, 16, 8, True, torch.bfloat16, torch.bfloat16, 4, seed=1)
+def test_without_cache_only_returns_latents(device):
+    case = make_case(5, 16, 8, True, torch.bfloat16, torch.bfloat16, 4, seed=1)
+    ckv, weight, cos, sin, slots, cache = (t.to(device) for t in case)
     want = latent_write_reference(ckv, weight, EPS, cos, sin, True)
     initial = cache.clone()
     for slot_mapping, kv_cache in ((None, None), (slots, None), (None, cache)):
@@ -129,8 +140,9 @@ def test_without_cache_only_returns_latents():
     assert empty.shape == (0, 24)
 
 
-def test_rejects_mismatched_shapes():
-    ckv, weight, cos, sin, slots, cache = make_case(5, 16, 8, True, torch.float32, torch.float32, 4, seed=2)
+def test_rejects_mismatched_shapes(device):
+    case = make_case(5, 16, 8, True, torch.float32, torch.float32, 4, seed=2)
+    ckv, weight, cos, sin, slots, cache = (t.to(device) for t in case)
     with pytest.raises(ValueError, match="cos/sin"):
         latent_write(ckv, weight, EPS, cos[:, :3], sin[:, :3], True)
     with pytest.raises(ValueError, match="kv_cache"):
@@ -155,7 +167,7 @@ def test_reference_imports_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
-def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch):
+def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
     """The real engine with the attention layers on the Triton path (latent write and MLA decode) generates the same
     greedy tokens as the all-reference engine, every prefill and decode step writing its latents through the
     kernel. Only attention is switched, so the test does not depend on other kernels."""
@@ -170,7 +182,7 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch):
     prompt, params = [[1, 1100, 1200, 1299], [1, 1050]], SamplingParams(temperature=0, max_tokens=6)
 
     def generate():
-        llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20))
+        llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20, device=str(device)))
         return [list(r.outputs[0].token_ids) for r in llm.generate(prompt, params)]
 
     monkeypatch.setenv("SMALL4_KERNELS", "reference")

@@ -1,25 +1,22 @@
 """The Triton paged MLA decode kernel equals its reference twin ``decode_attention_padded`` across ragged contexts
 (one-token contexts, partly filled blocks, contexts crossing block boundaries), scrambled block tables, several
 head blocks and split counts, float32 and bfloat16 (and fp8) caches; and the engine's greedy tokens do not change
-when attention decodes through it. Runs under the Triton interpreter on CPU tensors."""
+when attention decodes through it. Runs on the test device (the interpreter on CPU); the real shapes (32 heads, latent
+256 + rope 64, 16-token blocks, long contexts) on CUDA only."""
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from small4.kernels.mla_decode import choose_num_splits, mla_decode  # noqa: E402
-from small4.kernels.mla_reference import decode_attention_padded  # noqa: E402
-from small4.model.context import AttentionMetadata  # noqa: E402
+from small4.kernels.mla_decode import choose_num_splits, mla_decode
+from small4.kernels.mla_reference import decode_attention_padded
+from small4.model.context import AttentionMetadata
 
 C, R, SCALE = 32, 8, 0.3
 
 
-def make_case(seq_lens, H, block_size, cache_dtype, q_dtype, seed):
+def make_case(seq_lens, H, block_size, cache_dtype, q_dtype, seed, device="cpu", C=C, R=R):
     """A paged cache whose rows are all random (unused rows too: a masking bug shows), with each sequence's blocks
     drawn from a shuffled pool, plus a query per sequence."""
     g = torch.Generator().manual_seed(seed)
@@ -44,11 +41,12 @@ def make_case(seq_lens, H, block_size, cache_dtype, q_dtype, seed):
     if cache_dtype == torch.float32:  # never-written rows may hold NaN: it must not leak through masked loads
         for i, n in enumerate(seq_lens):
             cache[tables[i][blocks_per_seq[i] - 1], n - (blocks_per_seq[i] - 1) * block_size :] = float("nan")
-    return q_latent, q_rope, cache, meta
+    meta.block_tables = meta.block_tables.to(device)
+    return q_latent.to(device), q_rope.to(device), cache.to(device), meta
 
 
 def run_kernel(q_latent, q_rope, cache, meta, **kw):
-    lens = torch.tensor(meta.seq_lens, dtype=torch.int32)
+    lens = torch.tensor(meta.seq_lens, dtype=torch.int32, device=cache.device)
     return mla_decode(q_latent, q_rope, cache, meta.block_tables, lens, SCALE, **kw)
 
 
@@ -60,8 +58,9 @@ CONFIGS = [(2, None, 1, None), (4, 2, 3, 8), (4, None, 8, 16)]
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("H,block_h,num_splits,block_n", CONFIGS)
-def test_kernel_equals_reference_fp32(block_size, H, block_h, num_splits, block_n):
-    q_latent, q_rope, cache, meta = make_case(SEQ_LENS, H, block_size, torch.float32, torch.float32, block_size + H)
+def test_kernel_equals_reference_fp32(block_size, H, block_h, num_splits, block_n, device):
+    args = (SEQ_LENS, H, block_size, torch.float32, torch.float32, block_size + H, device)
+    q_latent, q_rope, cache, meta = make_case(*args)
     out = run_kernel(q_latent, q_rope, cache, meta, num_splits=num_splits, block_h=block_h, block_n=block_n)
     ref = decode_attention_padded(q_latent, q_rope, cache, meta, SCALE)
     assert out.shape == ref.shape and out.dtype == torch.float32
@@ -70,12 +69,12 @@ def test_kernel_equals_reference_fp32(block_size, H, block_h, num_splits, block_
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("block_size,num_splits", [(4, 1), (16, 3)])
-def test_kernel_equals_reference_low_precision(cache_dtype, block_size, num_splits):
+def test_kernel_equals_reference_low_precision(cache_dtype, block_size, num_splits, device):
     """bfloat16 queries over a bfloat16 or fp8 cache. The bfloat16 reference rounds scores and probabilities to
     bfloat16 while the kernel keeps scores and the softmax in float32, so both are held against the float32
     reference on the same (rounded) inputs: the kernel within atol = rtol = 2e-2, and no worse than the bfloat16
     reference itself (up to one bfloat16 step)."""
-    q_latent, q_rope, cache, meta = make_case([3, 16, 29], 4, block_size, cache_dtype, torch.bfloat16, 11)
+    q_latent, q_rope, cache, meta = make_case([3, 16, 29], 4, block_size, cache_dtype, torch.bfloat16, 11, device)
     out = run_kernel(q_latent, q_rope, cache, meta, num_splits=num_splits, block_n=8)
     assert out.dtype == torch.bfloat16
     exact = decode_attention_padded(q_latent.float(), q_rope.float(), cache.float(), meta, SCALE)
@@ -85,16 +84,28 @@ def test_kernel_equals_reference_low_precision(cache_dtype, block_size, num_spli
     assert (out.float() - exact).abs().max() <= (ref - exact).abs().max() + ulp
 
 
-def test_default_heuristics_and_empty_context():
+def test_default_heuristics_and_empty_context(device):
     """Without overrides the heuristics pick the tiles and splits; a zero-length context (a padding row in a
     captured batch) gives zeros, not NaN, and leaves the other rows alone."""
-    q_latent, q_rope, cache, meta = make_case([7, 1], 4, 4, torch.float32, torch.float32, 3)
+    q_latent, q_rope, cache, meta = make_case([7, 1], 4, 4, torch.float32, torch.float32, 3, device)
     ref = decode_attention_padded(q_latent, q_rope, cache, meta, SCALE)
     torch.testing.assert_close(run_kernel(q_latent, q_rope, cache, meta), ref, atol=1e-4, rtol=1e-4)
-    lens = torch.tensor([7, 0], dtype=torch.int32)
+    lens = torch.tensor([7, 0], dtype=torch.int32, device=device)
     out = mla_decode(q_latent, q_rope, cache, meta.block_tables, lens, SCALE, num_splits=2, block_n=4)
     torch.testing.assert_close(out[0], ref[0], atol=1e-4, rtol=1e-4)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("seq_lens", [[1, 700, 4096], [32768], [5] * 64 + [3000] * 64], ids=["ragged", "long", "b128"])
+def test_real_shapes(cache_dtype, seq_lens, device):
+    """32 heads, latent 256 + rope 64, 16-token blocks, bfloat16 queries, the default tiles and split heuristic."""
+    q_latent, q_rope, cache, meta = make_case(seq_lens, 32, 16, cache_dtype, torch.bfloat16, 7, device, C=256, R=64)
+    q_latent, q_rope = q_latent / 16, q_rope / 16  # scores of a realistic size (not a one-hot softmax)
+    out = run_kernel(q_latent, q_rope, cache, meta, max_seq_len=max(seq_lens))
+    exact = decode_attention_padded(q_latent.float(), q_rope.float(), cache.float(), meta, SCALE)
+    torch.testing.assert_close(out.float(), exact, atol=2e-2, rtol=2e-2)
 
 
 def test_split_heuristic():
@@ -106,7 +117,7 @@ def test_split_heuristic():
         assert choose_num_splits(512, 2, 1 << 17, cuda) == 1  # a full batch fills the GPU alone
 
 
-def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch):
+def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
     """The real engine (decode steps through the kernel, prefill through the reference) generates the same greedy
     tokens as the all-reference engine. Only attention is switched, so the test does not depend on other kernels."""
     from small4.config import EngineConfig
@@ -120,7 +131,7 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch):
     prompt, params = [[1, 1100, 1200, 1299], [1, 1050]], SamplingParams(temperature=0, max_tokens=6)
 
     def generate():
-        llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20))
+        llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20, device=str(device)))
         return [list(r.outputs[0].token_ids) for r in llm.generate(prompt, params)]
 
     monkeypatch.setenv("SMALL4_KERNELS", "reference")

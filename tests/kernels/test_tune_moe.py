@@ -37,3 +37,12 @@ def test_ranges_cover_every_count_and_default_stays_on_cpu():
     assert [(r["lo"], r["hi"]) for r in rows] == [(0, 1), (2, 8), (9, 1 << 62)]
     assert choose_config(5, torch.device("cpu")) == dict(MOE_CONFIGS[(0, 32)])  # no tuned tables off CUDA
     assert table_path("NVIDIA H100 80GB HBM3").name == "NVIDIA_H100_80GB_HBM3.json"
+
+
+def test_tune_nvfp4_tiny(tmp_path):
+    """NVFP4 experts through the same plumbing (the kernel dequantises 4-bit tiles)."""
+    out = tmp_path / "tune.json"
+    args = ["bench", "tune-moe", "--tiny", "--dtype", "nvfp4", "--tokens", "2", "--repeats", "1", "--out", str(out)]
+    assert main(args) == 0
+    record = json.loads(out.read_text())
+    assert record["config"]["dtype"] == "nvfp4" and record["best"][0]["config"] in candidates(TINY_GRID)

@@ -64,10 +64,10 @@ def reference(monkeypatch):
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("k,n", [(16, 16), (64, 48), (96, 160)])
 @pytest.mark.parametrize("m", [1, 3, 64])
-def test_matches_reference(m, k, n, per_row, static, out_dtype):
+def test_matches_reference(m, k, n, per_row, static, out_dtype, device):
     g = torch.Generator().manual_seed(m * 1000 + k + n)
-    q, scale = _weight(n, k, per_row, g)
-    x = (torch.randn(m, k, generator=g) * 3).to(out_dtype)
+    q, scale = (t.to(device) for t in _weight(n, k, per_row, g))
+    x = (torch.randn(m, k, generator=g) * 3).to(out_dtype).to(device)
     # a calibrated static scale that saturates the largest activations a little, as real calibration may
     input_scale = (x.float().abs().max() / FP8_MAX * 0.8).reshape(()) if static else None
     out = fp8_linear(x, q, scale, input_scale, out_dtype)

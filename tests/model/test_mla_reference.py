@@ -1,5 +1,6 @@
 """The batched decode path of the MLA reference equals the per-sequence loop, across ragged contexts and
-scrambled block tables (blocks partly filled, contexts crossing block boundaries, one-token contexts)."""
+scrambled block tables (blocks partly filled, contexts crossing block boundaries, one-token contexts). On the test
+device."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from small4.model.context import AttentionMetadata
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("seq_lens", [[1], [5, 1, 17], [16, 33, 2, 64]])
-def test_padded_decode_equals_loop(block_size, seq_lens):
+def test_padded_decode_equals_loop(block_size, seq_lens, device):
     g = torch.Generator().manual_seed(len(seq_lens) * 31 + block_size)
     H, C, R, B = 4, 32, 8, len(seq_lens)
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
@@ -39,6 +40,8 @@ def test_padded_decode_equals_loop(block_size, seq_lens):
     cache[[b for b in range(total) if all(b not in t[: blocks_per_seq[j]] for j, t in enumerate(tables))]] = float(
         "nan"
     )
+    q_latent, q_rope, cache = q_latent.to(device), q_rope.to(device), cache.to(device)
+    meta.block_tables, meta.slot_mapping = meta.block_tables.to(device), meta.slot_mapping.to(device)
     padded = decode_attention_padded(q_latent, q_rope, cache, meta, 0.3)
     loop = attention_per_sequence(q_latent, q_rope, None, cache, meta, 0.3)
     assert torch.allclose(padded, loop, atol=1e-5, rtol=1e-5)
