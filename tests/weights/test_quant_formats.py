@@ -189,3 +189,20 @@ def test_nvfp4_on_a_norm_is_refused(tmp_path):
 
     _edit_nvfp4(model_dir, edit)
     assert "tensor norm.weight_packed: NVFP4 is not supported for norm" in _error(model_dir)
+
+
+@torch.no_grad()
+def test_nvfp4_kept_4bit_through_the_triton_kernel_matches_dequantised(nvfp4_dir, monkeypatch):
+    """The loader's 4-bit experts handed to the Triton fused MoE (interpreted on CPU) give the logits of the same
+    checkpoint dequantised at load through the reference path: the loader and the kernel agree on the layout
+    (nibble order, which half each global divisor belongs to, per-16 block scales)."""
+    ids = _ids(load_model(nvfp4_dir, dtype=torch.float32, progress=False, keep_nvfp4=False), n=24)
+    monkeypatch.setenv("SMALL4_KERNELS", "reference")
+    dense = load_model(nvfp4_dir, dtype=torch.float32, progress=False, keep_nvfp4=False)
+    expected = _logits(dense, ids)
+    monkeypatch.setenv("SMALL4_KERNELS", "triton")
+    kept = load_model(nvfp4_dir, dtype=torch.float32, progress=False, keep_nvfp4=True)
+    assert kept.layers[0].mlp.experts.w13_packed is not None
+    got = _logits(kept, ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
