@@ -53,13 +53,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from small4.bench import fullscale, offline, tune_moe
+    from small4.bench import fullscale, host_overhead, offline, tune_moe
 
     p = sub.add_parser("bench", help="benchmarks that write JSON results")
     bench = p.add_subparsers(dest="bench_command", required=True)
     offline.add_parser(bench)
     fullscale.add_parser(bench)
     tune_moe.add_parser(bench)
+    host_overhead.add_parser(bench)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
