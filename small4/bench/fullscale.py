@@ -186,6 +186,12 @@ class Bench:
         return self.runner.model
 
     @property
+    def graphs(self) -> bool:
+        """Whether decode steps are captured as CUDA graphs: asked for, on CUDA, and with the Triton kernels (the
+        reference kernels read lengths on the host, which a capture cannot do), as the engine decides it."""
+        return self.cuda_graph and self.device.type == "cuda" and kernel_backend(self.device) == "triton"
+
+    @property
     def text(self):
         return self.runner.config.text
 
@@ -381,7 +387,7 @@ def _decode(bench: Bench, B: int, ctx: int, steps: int, warmup: int, per_seq: in
     first = bench.random_tokens(B, bench.seed + 1)
     for req, tok in zip(reqs, first, strict=True):
         req.output_token_ids.append(tok)
-    if bench.cuda_graph and device.type == "cuda":  # engine steps replay a captured decode graph, as serving does
+    if bench.graphs:  # engine steps replay a captured decode graph, as serving does
         runner.decode_graphs = DecodeGraphs(
             runner.model, runner.kv_caches, runner.pad_block, per_seq, max_batch=B, batch_sizes=[B]
         )
@@ -418,7 +424,7 @@ def _decode(bench: Bench, B: int, ctx: int, steps: int, warmup: int, per_seq: in
 
     fwd_s = time_device(forward, device, repeats=max(steps, 3), warmup=max(warmup, 1))
     graph = None
-    if bench.cuda_graph and device.type == "cuda":
+    if bench.graphs:
         graph = time_graph(forward, device, repeats=max(steps, 3), warmup=max(warmup, 1))
     head_ms = _median_ms(bench.head_time(B, repeats=max(steps, 3), warmup=1))
     step_ms, fwd_ms = _median_ms(step_s), _median_ms(fwd_s)
@@ -728,6 +734,7 @@ def run_full_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         "serving_input_len": args.serving_input_len,
         "serving_output_len": args.serving_output_len,
         "cuda_graph": bench.cuda_graph,
+        "cuda_graph_used": bench.graphs,
         "decode_steps": args.decode_steps,
         "warmup_steps": args.warmup_steps,
         "repeats": args.repeats,

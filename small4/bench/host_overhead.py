@@ -6,7 +6,8 @@ overlaps that time or adds to it. To measure only the host side on any machine, 
 ``NoOpModel``: a real module with the model's interface (``forward``, ``compute_logits``, ``config``) whose forward
 returns a preallocated hidden state and whose logits are a fixed random table, so the runner, the graph buffers,
 the sampler, the scheduler and the detokenizer all run exactly as they do around the real model. The vocabulary is
-small (the tiny tokenizer's) so that the sampler's arithmetic, device work on a GPU, stays negligible on a CPU.
+small (the tiny tokenizer's) so that the sampler's arithmetic, device work on a GPU, stays small on a CPU; torch
+runs on one thread (``--threads``), as the engine's step does.
 
 Each piece is timed by wrapping the engine's own bound methods on the instance (no code path is replaced):
 ``schedule``, ``execute`` (the runner: inputs, graph fill, forward, logits rows), ``graph_run`` (inside execute, the
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]],
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )  # fmt: skip
+    torch.set_num_threads(args.threads)  # the engine's step runs on one thread; more only add contention here
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}: choose from {sorted(MODES)}")
@@ -157,6 +159,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]],
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
         "graphs": not args.no_graphs,
+        "threads": args.threads,
         "label": args.label,
     }
     return config, rows, device
@@ -189,6 +192,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps")
     p.add_argument("--warmup-steps", type=positive_int, default=3)
     p.add_argument("--no-graphs", action="store_true", help="eager decode steps (no decode-graph buffers)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--label", default=None, help="free text stored in the JSON (e.g. 'before' / 'after')")
     p.add_argument("--out", help="result JSON path (default: bench/results/host-overhead-<UTC time>.json)")
