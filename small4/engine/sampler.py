@@ -4,6 +4,11 @@ Every processor works on the full ``[B, V]`` tensor (or on the subset of rows th
 handful of kernels whatever the batch holds. Python loops run over rows only where the data is per request by
 nature: building the small per-row parameter tensors, calling grammar mask providers, and drawing each seeded
 row's noise from its own generator (which is what makes seeded sampling independent of batch composition).
+
+Penalties need each sequence's token counts. Given ``SamplingBatch.keys`` (the engine passes its sequence ids),
+the sampler keeps them on the device across steps (``PenaltyCounts``): the prompt's tokens are uploaded once,
+then each step only the tokens a sequence gained since it was last counted. Without keys (tests, one-off calls)
+the counts are built from the batch's lists, with the same values.
 """
 
 from __future__ import annotations
@@ -44,9 +49,12 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     token_masks: list[TokenMaskFn | None]
     eos_token_ids: list[int | None]
+    keys: list[str] | None = None  # one stable id per row (the sequence's): penalty counts persist under it
 
     def __post_init__(self) -> None:
         n = len(self.params)
+        if self.keys is not None and len(self.keys) != n:
+            raise ValueError("every SamplingBatch field needs one entry per row")
         fields = (
             self.prompt_token_ids,
             self.output_token_ids,
@@ -74,6 +82,7 @@ class SamplingBatch:
         generators: Sequence[torch.Generator | None] | None = None,
         token_masks: Sequence[TokenMaskFn | None] | None = None,
         eos_token_id: int | None | Sequence[int | None] = None,
+        keys: Sequence[str] | None = None,
     ) -> SamplingBatch:
         """Build a batch; omitted lists default to empty token lists / no generator / no mask.
 
@@ -88,6 +97,7 @@ class SamplingBatch:
             generators=list(generators) if generators is not None else [None] * n,
             token_masks=list(token_masks) if token_masks is not None else [None] * n,
             eos_token_ids=list(eos),
+            keys=list(keys) if keys is not None else None,
         )
 
 
@@ -110,7 +120,15 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Turns one step's logits into one token per row. Stateless: all state lives in the batch."""
+    """Turns one step's logits into one token per row. The only state kept across calls is ``penalties``: the
+    device-side token counts of penalised sequences, by the batch's keys (``release`` a key when it ends)."""
+
+    def __init__(self) -> None:
+        self.penalties = PenaltyCounts()
+
+    def release(self, key: str) -> None:
+        """Forget a sequence's penalty counts (it finished or was aborted)."""
+        self.penalties.release(key)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(batch):
@@ -128,8 +146,8 @@ class Sampler:
         masked = apply_token_masks(x, batch.token_masks)
         apply_logit_bias(x, batch.params, vocab)
         banned = apply_min_tokens(x, batch)
-        apply_repetition_penalty(x, batch)
-        apply_presence_frequency_penalties(x, batch)
+        apply_repetition_penalty(x, batch, self.penalties)
+        apply_presence_frequency_penalties(x, batch, self.penalties)
         if masked or banned:
             x = _fall_back_to_eos(x, batch.eos_token_ids)
         return x
@@ -213,15 +231,89 @@ def _token_counts(token_lists: list[Sequence[int]], vocab: int, device: torch.de
     return counts
 
 
-def apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch) -> None:
+class PenaltyCounts:
+    """Per-sequence token counts on the device, kept across steps: a sequence's row holds whether each token is in
+    its prompt and how often it is in its output. A row is filled from the prompt once; afterwards a step uploads
+    only the output tokens added since the last count (one flat upload and one scatter for all rows), never the
+    whole history. Rows live in two pools that double when full; a released row is reused."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, list] = {}  # key -> [pool row, output tokens counted, the prompt list counted]
+        self._free: list[int] = []
+        self._prompt: torch.Tensor | None = None  # bool [rows, V]
+        self._output: torch.Tensor | None = None  # float32 [rows, V]
+
+    def release(self, key: str) -> None:
+        entry = self._rows.pop(key, None)
+        if entry is not None:
+            self._free.append(entry[0])
+
+    def _grow(self, need: int, vocab: int, device: torch.device) -> None:
+        have = 0 if self._output is None else self._output.shape[0]
+        if self._output is not None and (self._output.shape[1] != vocab or self._output.device != device):
+            self._rows.clear()  # another model: start over
+            self._free, have, self._output = [], 0, None
+        if need <= len(self._free):
+            return
+        rows = max(need - len(self._free) + have, 2 * have, 8)
+        prompt = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        output = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+        if have:
+            prompt[:have], output[:have] = self._prompt, self._output
+        self._prompt, self._output = prompt, output
+        self._free.extend(range(have, rows))
+
+    def rows(self, batch: SamplingBatch, rows: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+        """The pool rows [R] of batch rows ``rows``, brought up to date with their prompts and outputs."""
+        keys = batch.keys
+        self._grow(sum(1 for i in rows if keys[i] not in self._rows), vocab, device)
+        pool_rows, new_rows, new_ids, add_rows, add_ids = [], [], [], [], []
+        for i in rows:
+            entry = self._rows.get(keys[i])
+            outputs = batch.output_token_ids[i]
+            prompt = batch.prompt_token_ids[i]
+            if entry is not None and (entry[1] > len(outputs) or entry[2] is not prompt):  # not the same sequence
+                self.release(keys[i])
+                entry = None
+            if entry is None:
+                entry = self._rows[keys[i]] = [self._free.pop(), 0, prompt]
+                self._prompt[entry[0]].zero_()
+                self._output[entry[0]].zero_()
+                new_rows += [entry[0]] * len(prompt)
+                new_ids += prompt
+            tail = outputs[entry[1] :]
+            add_rows += [entry[0]] * len(tail)
+            add_ids += tail
+            entry[1] = len(outputs)
+            pool_rows.append(entry[0])
+        if new_ids:
+            self._prompt[_rows_tensor(new_rows, device), _rows_tensor(new_ids, device)] = True
+        if add_ids:
+            idx = (_rows_tensor(add_rows, device), _rows_tensor(add_ids, device))
+            self._output.index_put_(idx, torch.ones(len(add_ids), device=device), accumulate=True)
+        return _rows_tensor(pool_rows, device)
+
+    def seen(self, pool_rows: torch.Tensor) -> torch.Tensor:
+        """bool [R, V]: the token is in the prompt or the output."""
+        return self._prompt.index_select(0, pool_rows) | (self._output.index_select(0, pool_rows) > 0)
+
+    def output_counts(self, pool_rows: torch.Tensor) -> torch.Tensor:
+        """float32 [R, V]: occurrences in the output."""
+        return self._output.index_select(0, pool_rows)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch, state: PenaltyCounts | None = None) -> None:
     """HF/vLLM repetition penalty over prompt + output tokens: positive logits divided by it, negative
     multiplied, so a penalty > 1 always makes a seen token less likely. Only rows that use it pay for it."""
     rows = [i for i, p in enumerate(batch.params) if p.repetition_penalty != 1.0]
     if not rows:
         return
-    device = logits.device
-    seen_lists = [[*batch.prompt_token_ids[i], *batch.output_token_ids[i]] for i in rows]
-    seen = _token_counts(seen_lists, logits.shape[1], device) > 0  # [R, V]
+    device, vocab = logits.device, logits.shape[1]
+    if state is not None and batch.keys is not None:
+        seen = state.seen(state.rows(batch, rows, vocab, device))  # [R, V]
+    else:
+        seen_lists = [[*batch.prompt_token_ids[i], *batch.output_token_ids[i]] for i in rows]
+        seen = _token_counts(seen_lists, vocab, device) > 0  # [R, V]
     penalty = _column([batch.params[i].repetition_penalty for i in rows], device)  # [R, 1]
     idx = _rows_tensor(rows, device)
     sub = logits.index_select(0, idx)  # [R, V]
@@ -229,13 +321,18 @@ def apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch) -> None
     logits.index_copy_(0, idx, torch.where(seen, penalised, sub))
 
 
-def apply_presence_frequency_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
+def apply_presence_frequency_penalties(
+    logits: torch.Tensor, batch: SamplingBatch, state: PenaltyCounts | None = None
+) -> None:
     """OpenAI penalties over output tokens only: ``logit -= frequency * count + presence * (count > 0)``."""
     rows = [i for i, p in enumerate(batch.params) if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
     if not rows:
         return
-    device = logits.device
-    counts = _token_counts([batch.output_token_ids[i] for i in rows], logits.shape[1], device)  # [R, V]
+    device, vocab = logits.device, logits.shape[1]
+    if state is not None and batch.keys is not None:
+        counts = state.output_counts(state.rows(batch, rows, vocab, device))  # [R, V]
+    else:
+        counts = _token_counts([batch.output_token_ids[i] for i in rows], vocab, device)  # [R, V]
     freq = _column([batch.params[i].frequency_penalty for i in rows], device)  # [R, 1]
     pres = _column([batch.params[i].presence_penalty for i in rows], device)  # [R, 1]
     idx = _rows_tensor(rows, device)
