@@ -140,8 +140,11 @@ class Sampler:
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs)
 
     def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Mask, bias, min_tokens and penalties, on a copy; the order is the one users' params assume."""
+        """Mask, bias, min_tokens and penalties, on a copy (the float32 logits themselves when no row has any);
+        the order is the one users' params assume."""
         vocab = logits.shape[1]
+        if not _needs_processing(batch):  # nothing to apply: no [B, V] copy (every decode step of plain sampling)
+            return logits.float()
         x = logits.float().clone()  # [B, V]
         masked = apply_token_masks(x, batch.token_masks)
         apply_logit_bias(x, batch.params, vocab)
@@ -153,12 +156,33 @@ class Sampler:
         return x
 
 
-def _rows_tensor(rows: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device)
+def _needs_processing(batch: SamplingBatch) -> bool:
+    """Whether any row has a mask, a bias, a pending min_tokens ban or a penalty."""
+    for i, p in enumerate(batch.params):
+        if batch.token_masks[i] is not None or p.logit_bias or p.repetition_penalty != 1.0:
+            return True
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            return True
+        if p.min_tokens and len(batch.output_token_ids[i]) < p.min_tokens:
+            return True
+    return False
+
+
+def _upload(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-row tensor on ``device`` without a blocking copy: a copy from pageable memory waits for the
+    device to finish the forward first, so the host could not prepare anything meanwhile. Pinned + non_blocking
+    queues the copy behind the forward instead (the caching host allocator keeps the buffer until it is done)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _rows_tensor(rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    return _upload(rows, torch.long, device)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]  # [R, 1]
+    return _upload(values, torch.float32, device)[:, None]  # [R, 1]
 
 
 def apply_token_masks(logits: torch.Tensor, masks: Sequence[TokenMaskFn | None]) -> bool:
@@ -197,7 +221,7 @@ def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams], voc
             vals.append(bias)
     if rows:
         device = logits.device
-        values = torch.tensor(vals, dtype=logits.dtype, device=device)
+        values = _upload(vals, logits.dtype, device)
         logits.index_put_((_rows_tensor(rows, device), _rows_tensor(cols, device)), values, accumulate=True)
 
 
@@ -222,9 +246,9 @@ def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> bool:
 def _token_counts(token_lists: list[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """How many times each token occurs in each list: ``[R, V]`` float, built with one scatter-add."""
     lengths = [len(t) for t in token_lists]
-    flat = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long, device=device)
+    flat = _rows_tensor(list(itertools.chain.from_iterable(token_lists)), device)
     row_of = torch.repeat_interleave(
-        torch.arange(len(token_lists), device=device), torch.tensor(lengths, device=device)
+        torch.arange(len(token_lists), device=device), _rows_tensor(lengths, device)
     )  # [sum(lengths)]
     counts = torch.zeros(len(token_lists), vocab, dtype=torch.float32, device=device)  # [R, V]
     counts.index_put_((row_of, flat), torch.ones_like(flat, dtype=torch.float32), accumulate=True)
@@ -344,7 +368,7 @@ def _fall_back_to_eos(logits: torch.Tensor, eos_token_ids: Sequence[int | None])
     """A row with every token at -inf would sample NaN; force its eos instead (without a host sync)."""
     device = logits.device
     dead = torch.isneginf(logits).all(dim=-1, keepdim=True)  # [B, 1]
-    eos = torch.tensor([e if e is not None else 0 for e in eos_token_ids], device=device)[:, None]  # [B, 1]
+    eos = _rows_tensor([e if e is not None else 0 for e in eos_token_ids], device)[:, None]  # [B, 1]
     only_eos = torch.full_like(logits, _NEG_INF).scatter_(1, eos, 0.0)  # [B, V]
     return torch.where(dead, only_eos, logits)
 
@@ -374,15 +398,21 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def _exponential_noise(batch: SamplingBatch, rows: list[int], vocab: int, device: torch.device) -> torch.Tensor:
     """``Exp(1)`` noise ``[B, V]`` for the sampled rows: each seeded row from its own generator (so its draw
     does not depend on who else is in the batch), the unseeded ones in one draw from the global RNG."""
-    noise = torch.ones(len(batch), vocab, device=device)  # [B, V]
     shared = [i for i in rows if batch.generators[i] is None]
+    if len(shared) == len(batch):  # every row sampled from the global RNG: the one draw is the noise
+        noise = torch.empty(len(batch), vocab, device=device).exponential_()  # [B, V]
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+    noise = torch.ones(len(batch), vocab, device=device)  # [B, V]
     if shared:
         noise[_rows_tensor(shared, device)] = torch.empty(len(shared), vocab, device=device).exponential_()
     for i in rows:
         generator = batch.generators[i]
-        if generator is not None:
-            draw = torch.empty(vocab, device=generator.device).exponential_(generator=generator)
-            noise[i] = draw.to(device)
+        if generator is None:
+            continue
+        if generator.device == noise.device:  # drawn in place into its row: one kernel per seeded row, not two
+            noise[i].exponential_(generator=generator)
+        else:
+            noise[i] = torch.empty(vocab, device=generator.device).exponential_(generator=generator).to(device)
     # Exp(1) can round to 0, which would turn a zero probability into 0/0 = NaN and win the argmax.
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
@@ -396,17 +426,23 @@ def _choose_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if not sampled_rows:
         return greedy_argmax
     device, vocab = logits.device, logits.shape[1]
-    temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
-    x = logits / temperature[:, None]  # [B, V]
+    # every per-row parameter in one upload: [5, B] = temperature, top_k, top_p, min_p, greedy
+    rows = [
+        [1.0 if p.greedy else p.temperature for p in params],
+        [p.top_k if p.top_k > 0 else vocab for p in params],
+        [p.top_p for p in params],
+        [p.min_p for p in params],
+        [float(p.greedy) for p in params],
+    ]
+    table = _upload(rows, torch.float32, device)
+    x = logits / table[0][:, None]  # [B, V]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        x = apply_top_k_top_p(x, top_k, top_p)
+        x = apply_top_k_top_p(x, table[1].long(), table[2])
     if any(p.min_p > 0.0 for p in params):
-        x = apply_min_p(x, torch.tensor([p.min_p for p in params], device=device))
+        x = apply_min_p(x, table[3])
     probs = x.softmax(dim=-1)  # [B, V]
     sampled = (probs / _exponential_noise(batch, sampled_rows, vocab, device)).argmax(dim=-1)  # [B]
-    is_greedy = torch.tensor([p.greedy for p in params], device=device)
+    is_greedy = table[4] > 0
     return torch.where(is_greedy, greedy_argmax, sampled)
 
 
