@@ -89,6 +89,7 @@ class StepInputs:
             self._free.extend(range(old_rows, table.shape[0]))
             self._table = table
             self._dev_table = None
+        self._ints_np, self._int32_np, self._table_np = self._ints.numpy(), self._int32.numpy(), self._table.numpy()
         if self._dev_ints is None:
             self._dev_ints = self._to_device_buffer(self._ints)
         if self._dev_int32 is None:
@@ -128,35 +129,32 @@ class StepInputs:
             if req.request_id in self._rows:
                 self._free.append(self._rows.pop(req.request_id)[0])
         B = len(items)
-        counts = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=B)
-        starts = np.fromiter((it.start for it in items), dtype=np.int64, count=B)
-        T = int(counts.sum())
-        width = max(len(it.request.block_ids) for it in items)
         self._release_absent({it.request.request_id for it in items})
+        T = sum(it.num_new_tokens for it in items)
+        width = max(len(it.request.block_ids) for it in items)
         self._ensure(3 * T + 2 * B, B, len(self._rows) + B, width)
-        table = self._table.numpy()
-        rows = np.empty(B, dtype=np.int64)
+        table = self._table_np
         tokens: list[int] = []
-        for i, it in enumerate(items):
-            req = it.request
-            tokens.extend(token_slice(req, it.start, it.start + it.num_new_tokens))
-            rows[i] = self._table_row(req, table)
-        qsl = np.zeros(B + 1, dtype=np.int64)
-        np.cumsum(counts, out=qsl[1:])
-        sample = np.fromiter((it.samples for it in items), dtype=bool, count=B)
-        sample_rows = qsl[1:][sample] - 1
+        rows = [self._table_row(it.request, table) for it in items]
+        for it in items:
+            tokens.extend(token_slice(it.request, it.start, it.start + it.num_new_tokens))
+        if T == B:  # decode only (one token each): plain lists beat numpy's per-call cost at these sizes
+            positions = [it.start for it in items]
+            bs = self.block_size
+            slots = [it.request.block_ids[p // bs] * bs + p % bs for it, p in zip(items, positions, strict=True)]
+            sample_rows = [i for i, it in enumerate(items) if it.samples]
+            seq_lens = [p + 1 for p in positions]
+            qsl = list(range(B + 1))
+        else:
+            positions, slots, sample_rows, seq_lens, qsl = self._chunk_layout(items, rows)
         S = len(sample_rows)
-        ints = self._ints.numpy()
+        ints = self._ints_np
         ints[:T] = tokens
-        positions = ints[T : 2 * T]
-        positions[:] = np.arange(T) + np.repeat(starts - qsl[:-1], counts)  # each sequence's own positions
-        token_rows = np.repeat(rows, counts)
-        bs = self.block_size
-        ints[2 * T : 3 * T] = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        ints[T : 2 * T] = positions
+        ints[2 * T : 3 * T] = slots
         ints[3 * T : 3 * T + S] = sample_rows
         ints[3 * T + S : 3 * T + S + B] = rows
-        seq_lens = starts + counts
-        self._int32.numpy()[:B] = seq_lens
+        self._int32_np[:B] = seq_lens
         n_ints, n_rows = 3 * T + S + B, int(self._table.shape[0])
         if self.device.type != "cpu":
             self._dev_ints[:n_ints].copy_(self._ints[:n_ints], non_blocking=True)
@@ -173,7 +171,23 @@ class StepInputs:
             sample_rows=dev[3 * T : 3 * T + S],
             block_tables=self._dev_table[:, :width].index_select(0, row_index),
             seq_lens=self._dev_int32[:B],
-            query_start_loc=qsl.tolist(),
-            seq_lens_list=seq_lens.tolist(),
+            query_start_loc=qsl if isinstance(qsl, list) else qsl.tolist(),
+            seq_lens_list=seq_lens if isinstance(seq_lens, list) else seq_lens.tolist(),
             all_rows_sample=S == T,
         )
+
+    def _chunk_layout(self, items: Sequence, rows: list[int]) -> tuple[np.ndarray, ...]:
+        """Positions, slots, sampled rows, lengths and query starts of a step with multi-token chunks, per
+        sequence with numpy (a chunk of n tokens costs a few array operations, not n Python iterations)."""
+        B = len(items)
+        counts = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=B)
+        starts = np.fromiter((it.start for it in items), dtype=np.int64, count=B)
+        qsl = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(counts, out=qsl[1:])
+        T = int(qsl[-1])
+        positions = np.arange(T) + np.repeat(starts - qsl[:-1], counts)  # each sequence's own positions
+        token_rows = np.repeat(np.asarray(rows, dtype=np.int64), counts)
+        bs = self.block_size
+        slots = self._table_np[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        sample = np.fromiter((it.samples for it in items), dtype=bool, count=B)
+        return positions, slots, qsl[1:][sample] - 1, starts + counts, qsl

@@ -28,6 +28,7 @@ def test_host_overhead_json(tmp_path):
         assert {"step", "schedule", "execute", "graph_run", "sample", "update", "emit"} <= set(ms)
         assert len(r["step_ms_all"]) == 2
         assert ms["step"] >= ms["execute"] >= ms["graph_run"] > 0
+        assert set(r["cpu_ms_median"]) == set(ms) and r["cpu_ms_median"]["step"] > 0
 
 
 def test_host_overhead_rejects_unknown_mode(tmp_path, capsys):
