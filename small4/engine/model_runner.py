@@ -171,10 +171,12 @@ class ModelRunner:
         graphs, items = self.decode_graphs, plan.scheduled
         if graphs is None or not items or len(items) > graphs.max_batch:
             return None
-        if any(item.num_new_tokens != 1 or _has_image_slot(item) for item in items):
-            return None
-        if any(len(item.request.block_ids) > graphs.max_blocks_per_seq for item in items):
-            return None
+        width = graphs.max_blocks_per_seq
+        for item in items:  # one pass: this runs for every sequence of every decode step
+            if item.num_new_tokens != 1 or len(item.request.block_ids) > width:
+                return None
+            if item.request.mm_inputs is not None and _has_image_slot(item):
+                return None
         step = self.inputs.stage(items, plan.preempted)
         hidden = graphs.run(step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.seq_lens)
         ids = [item.request.request_id for item in items if item.samples]

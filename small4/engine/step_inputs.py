@@ -61,7 +61,7 @@ class StepInputs:
         self.block_size = block_size
         self.pad_block = pad_block
         self._pinned = device.type == "cuda"
-        self._rows: dict[str, tuple[int, int]] = {}  # request id -> (table row, block ids written)
+        self._rows: dict[str, tuple[int, int, int]] = {}  # request id -> (table row, ids written, last id written)
         self._free: list[int] = []
         self._copied: torch.cuda.Event | None = None
         self._ints = self._host(0, torch.int64)
@@ -108,16 +108,19 @@ class StepInputs:
     def _table_row(self, req: Request, table: np.ndarray) -> int:
         """The request's row, with its block ids brought up to date (appended, or rewritten if they changed)."""
         blocks = req.block_ids
-        row, written = self._rows.get(req.request_id, (-1, 0))
+        n = len(blocks)
+        row, written, last = self._rows.get(req.request_id, (-1, 0, -1))
+        if row >= 0 and written == n and (n == 0 or blocks[-1] == last):
+            return row  # the common decode step: no new block
         if row < 0:
             row = self._free.pop()
-        elif written > len(blocks) or (written and table[row, written - 1] != blocks[written - 1]):
+        elif written > n or (written and blocks[written - 1] != last):
             written = 0  # the ids changed under us (recomputed after preemption): rewrite the row
         if written == 0:
             table[row].fill(self.pad_block)
-        if len(blocks) > written:
-            table[row, written : len(blocks)] = blocks[written:]
-        self._rows[req.request_id] = (row, len(blocks))
+        if n > written:
+            table[row, written:n] = blocks[written:]
+        self._rows[req.request_id] = (row, n, blocks[-1] if n else -1)
         return row
 
     # ---- one step -----------------------------------------------------------------------------------------
