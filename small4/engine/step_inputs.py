@@ -61,7 +61,8 @@ class StepInputs:
         self.block_size = block_size
         self.pad_block = pad_block
         self._pinned = device.type == "cuda"
-        self._rows: dict[str, tuple[int, int, int]] = {}  # request id -> (table row, ids written, last id written)
+        # request id -> (the request, its table row, block ids written, the last id written)
+        self._rows: dict[str, tuple[Request, int, int, int]] = {}
         self._free: list[int] = []
         self._copied: torch.cuda.Event | None = None
         self._ints = self._host(0, torch.int64)
@@ -103,15 +104,17 @@ class StepInputs:
     # ---- block-table rows ---------------------------------------------------------------------------------
     def _release_absent(self, present: set[str]) -> None:
         for rid in [r for r in self._rows if r not in present]:
-            self._free.append(self._rows.pop(rid)[0])
+            self._free.append(self._rows.pop(rid)[1])
 
     def _table_row(self, req: Request, table: np.ndarray) -> int:
         """The request's row, with its block ids brought up to date (appended, or rewritten if they changed)."""
         blocks = req.block_ids
         n = len(blocks)
-        row, written, last = self._rows.get(req.request_id, (-1, 0, -1))
-        if row >= 0 and written == n and (n == 0 or blocks[-1] == last):
+        owner, row, written, last = self._rows.get(req.request_id, (None, -1, 0, -1))
+        if owner is req and written == n and (n == 0 or blocks[-1] == last):
             return row  # the common decode step: no new block
+        if owner is not req and row >= 0:  # the id was reused by a new request (or another engine's): start over
+            written = 0
         if row < 0:
             row = self._free.pop()
         elif written > n or (written and blocks[written - 1] != last):
@@ -120,7 +123,7 @@ class StepInputs:
             table[row].fill(self.pad_block)
         if n > written:
             table[row, written:n] = blocks[written:]
-        self._rows[req.request_id] = (row, n, blocks[-1] if n else -1)
+        self._rows[req.request_id] = (req, row, n, blocks[-1] if n else -1)
         return row
 
     # ---- one step -----------------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ class StepInputs:
             self._copied.synchronize()  # the previous step's copies read the host buffers
         for req in preempted:
             if req.request_id in self._rows:
-                self._free.append(self._rows.pop(req.request_id)[0])
+                self._free.append(self._rows.pop(req.request_id)[1])
         B = len(items)
         self._release_absent({it.request.request_id for it in items})
         T = sum(it.num_new_tokens for it in items)

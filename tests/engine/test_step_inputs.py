@@ -80,6 +80,12 @@ def test_table_rows_follow_appends_vanishing_and_preemption():
     _check(step, decode(a, c))
     a.block_ids = [32, 33]  # ids changed without notice: detected by the last written id
     _check(inputs.stage(decode(a, c)), decode(a, c))
+    # the id "c" reused at once by a new request with as many blocks and the same last id: its own row, rewritten
+    c.block_ids = [20, 21]
+    c.output_token_ids = [3, 3, 3, 3, 3]
+    _check(inputs.stage(decode(a, c)), decode(a, c))
+    c2 = _request("c", [9], [3, 3, 3, 3, 3], [5, 21])
+    _check(inputs.stage(decode(a, c2)), decode(a, c2))
     many = [_request(f"r{i}", [1] * (i + 1), [], list(range(100 + 3 * i, 103 + 3 * i))) for i in range(9)]
     _check(inputs.stage(decode(*many)), decode(*many))  # grows the table (rows and buffers)
 
