@@ -83,8 +83,10 @@ class StepInputs:
             self._int32 = self._host(max(int32s, 2 * self._int32.numel()), torch.int32)
             self._dev_int32 = None
         old_rows, old_width = self._table.shape
-        if rows > old_rows or width > old_width:
-            table = self._host((max(rows, 2 * old_rows), max(width, old_width)), torch.int32)
+        if rows > old_rows or width > old_width:  # each dimension doubles only when it is the one too small
+            new_rows = max(rows, 2 * old_rows) if rows > old_rows else old_rows
+            new_width = max(width, 2 * old_width) if width > old_width else old_width
+            table = self._host((new_rows, new_width), torch.int32)
             table.fill_(self.pad_block)
             table[:old_rows, :old_width] = self._table
             self._free.extend(range(old_rows, table.shape[0]))

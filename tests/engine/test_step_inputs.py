@@ -109,3 +109,18 @@ def test_rope_tables_once_per_step_not_per_layer(monkeypatch):
     # the same forward with the rows recomputed in every layer, as before: identical
     monkeypatch.setattr(AttentionMetadata, "rope_tables", lambda self, positions, dtype, make: make())
     assert torch.equal(model(ids, positions, AttentionMetadata.for_prefill([3, 1])), out) and len(calls) == 4
+
+
+def test_table_grows_by_doubling_only_the_short_dimension():
+    """A sequence gaining a block every few steps widens the table; its row count must not grow with it."""
+    inputs = StepInputs(torch.device("cpu"), BS, PAD)
+    req = _request("a", [1], [], [0])
+    for n in range(1, 200):
+        req.output_token_ids.append(7)
+        if len(req.block_ids) * BS < req.num_tokens:
+            req.block_ids.append(n)
+        items = [ScheduledRequest(req, 1, req.num_tokens - 1, True)]
+        step = inputs.stage(items)
+    _check(step, items)
+    rows, width = inputs._table.shape
+    assert rows <= 2 and len(req.block_ids) <= width < 2 * len(req.block_ids)
