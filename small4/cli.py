@@ -1,4 +1,9 @@
-"""small4 command line: make-tiny | generate | serve | plan | bench | demo | train-demo."""
+"""small4 command line: make-tiny | generate | serve | plan | bench | demo | train-demo.
+
+Each command imports what it needs when it is registered, and ``main`` registers in full only the command it runs
+(the others by name): ``small4 bench ...`` then needs only torch and triton, never the server and chat libraries
+(fastapi, uvicorn, pydantic, mistral-common, llguidance), which a bare CUDA image lacks.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from small4.bench import fullscale, load, offline, tune_moe
+    from small4.bench import fullscale, host_overhead, load, offline, tune_moe
 
     p = sub.add_parser("bench", help="benchmarks that write JSON results")
     bench = p.add_subparsers(dest="bench_command", required=True)
@@ -74,6 +79,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     fullscale.add_parser(bench)
     tune_moe.add_parser(bench)
     load.add_parser(bench)
+    host_overhead.add_parser(bench)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -101,28 +107,50 @@ def _add_train_demo(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_make_tiny,
-    _add_generate,
-    _add_serve,
-    _add_plan,
-    _add_bench,
-    _add_demo,
-    _add_train_demo,
-]
+COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
+    "make-tiny": ("write a tiny random checkpoint in the exact real layout", _add_make_tiny),
+    "generate": ("offline generation through the engine", _add_generate),
+    "serve": ("OpenAI-compatible server", _add_serve),
+    "plan": ("per-rank weight bytes, latent-cache tokens and the largest context that fit", _add_plan),
+    "bench": ("benchmarks that write JSON results", _add_bench),
+    "demo": ("serve the embedded tiny model and talk to it with the openai client", _add_demo),
+    "train-demo": ("train the tiny demo model on the chat curriculum", _add_train_demo),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _missing(name: str, error: ImportError) -> Callable[[argparse.Namespace], int]:
+    def fail(_: argparse.Namespace) -> int:
+        print(f"small4 {name} needs {error.name or error}: install the full package (see README)", file=sys.stderr)
+        return 1
+
+    return fail
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command in full, or with ``command`` only that one (the others by name and help only). A command
+    whose libraries are not installed stays listed and says what it lacks when run."""
     parser = argparse.ArgumentParser(prog="small4", description="Mistral Small 4 inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
-        add(sub)
+    for name, (help_text, add) in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=help_text)
+            continue
+        try:
+            add(sub)
+        except ImportError as e:
+            p = sub.add_parser(name, help=f"{help_text} (unavailable: {e.name} is not installed)", add_help=False)
+            p.set_defaults(func=_missing(name, e), any_arguments=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that start copies of themselves
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.argv = list(argv)  # for commands that start copies of themselves (bench full on other ranks)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:

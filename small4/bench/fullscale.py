@@ -192,6 +192,12 @@ class Bench:
         return self.runner.model
 
     @property
+    def graphs(self) -> bool:
+        """Whether decode steps are captured as CUDA graphs: asked for, on CUDA, and with the Triton kernels (the
+        reference kernels read lengths on the host, which a capture cannot do), as the engine decides it."""
+        return self.cuda_graph and self.device.type == "cuda" and kernel_backend(self.device) == "triton"
+
+    @property
     def text(self):
         return self.runner.config.text
 
@@ -393,7 +399,7 @@ def _decode(bench: Bench, B: int, ctx: int, steps: int, warmup: int, per_seq: in
     first = bench.random_tokens(B, bench.seed + 1)
     for req, tok in zip(reqs, first, strict=True):
         req.output_token_ids.append(tok)
-    if bench.cuda_graph and device.type == "cuda":  # engine steps replay a captured decode graph, as serving does
+    if bench.graphs:  # engine steps replay a captured decode graph, as serving does
         runner.decode_graphs = DecodeGraphs(
             runner.model, runner.kv_caches, runner.pad_block, per_seq, max_batch=B, batch_sizes=[B]
         )
@@ -411,26 +417,21 @@ def _decode(bench: Bench, B: int, ctx: int, steps: int, warmup: int, per_seq: in
             step_s.append(elapsed)
     # forward only: prebuilt inputs at one fixed position (its slot is rewritten each time)
     pos = ctx + warmup + steps
-    meta = AttentionMetadata(
-        query_start_loc=list(range(B + 1)),
-        seq_lens=[pos + 1] * B,
-        slot_mapping=torch.tensor(
-            [runner.slot(r, pos) for r in reqs],
-            device=device,
-        ),
-        block_tables=torch.tensor([r.block_ids for r in reqs], dtype=torch.int32, device=device),
-        block_size=runner.block_size,
-    )
+    slots = torch.tensor([runner.slot(r, pos) for r in reqs], device=device)
+    tables = torch.tensor([r.block_ids for r in reqs], dtype=torch.int32, device=device)
     ids = torch.tensor(bench.random_tokens(B, bench.seed + 2), device=device)
     positions = torch.full((B,), pos, device=device)
 
     @torch.inference_mode()
     def forward() -> torch.Tensor:
+        # a fresh metadata object per forward, as every engine step makes one: its per-step work (the decode split,
+        # the rope rows) is timed, not cached from the previous repeat
+        meta = AttentionMetadata(list(range(B + 1)), [pos + 1] * B, slots, tables, runner.block_size)
         return runner.model.compute_logits(runner.model(ids, positions, meta, runner.kv_caches))
 
     fwd_s = time_device(forward, device, repeats=max(steps, 3), warmup=max(warmup, 1))
     graph = None
-    if bench.cuda_graph and device.type == "cuda":
+    if bench.graphs:
         graph = time_graph(forward, device, repeats=max(steps, 3), warmup=max(warmup, 1))
     head_ms = _median_ms(bench.head_time(B, repeats=max(steps, 3), warmup=1))
     step_ms, fwd_ms = _median_ms(step_s), _median_ms(fwd_s)
@@ -757,6 +758,7 @@ def run_full_bench(
         "serving_input_len": args.serving_input_len,
         "serving_output_len": args.serving_output_len,
         "cuda_graph": bench.cuda_graph,
+        "cuda_graph_used": bench.graphs,
         "decode_steps": args.decode_steps,
         "warmup_steps": args.warmup_steps,
         "repeats": args.repeats,

@@ -116,8 +116,10 @@ def run_small4(model_dir: Path, w: Workload, engine_cfg: EngineConfig) -> tuple[
     if w.input_len + w.output_len > llm.engine.max_model_len:
         raise ValueError(f"input_len + output_len exceeds the model's max length {llm.engine.max_model_len}")
     vocab = runner.config.text.vocab_size
-    greedy = SamplingParams(temperature=0.0, max_tokens=w.output_len, min_tokens=w.output_len, ignore_eos=True)
-    warm = SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS, min_tokens=WARMUP_TOKENS, ignore_eos=True)
+    # ignore_eos alone fixes the length; min_tokens would send every step through the min-tokens ban, which
+    # users who set only max_tokens never pay
+    greedy = SamplingParams(temperature=0.0, max_tokens=w.output_len, ignore_eos=True)
+    warm = SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS, ignore_eos=True)
     llm.generate([w.warmup_prompt(vocab)], warm)
     seconds, outputs = [], []
     for prompts in w.prompt_sets(vocab):

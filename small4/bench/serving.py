@@ -11,6 +11,7 @@ consecutive tokens of a request.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
@@ -21,8 +22,8 @@ import torch
 
 from small4.engine.engine import Engine
 from small4.engine.sampling_params import SamplingParams
-from small4.tokenizer import Tokenizer
-from small4.weights.tekken_tiny import NUM_SPECIAL_TOKENS, write_tiny_tekken
+from small4.tokenizer import TekkenVocab, Tokenizer
+from small4.weights.tekken_tiny import NUM_SPECIAL_TOKENS, special_tokens, write_tiny_tekken
 
 if TYPE_CHECKING:
     from small4.bench.fullscale import Bench
@@ -34,8 +35,20 @@ class _Timeline:
     token_times: list[float] = field(default_factory=list)
 
 
-def bench_tokenizer(vocab_size: int) -> Tokenizer:
-    """A v15 tekken tokenizer with exactly the model's vocabulary (the engine detokenizes every token)."""
+def bench_tokenizer(vocab_size: int) -> Tokenizer | TekkenVocab:
+    """A v15 tekken tokenizer with exactly the model's vocabulary (the engine detokenizes every token): the
+    mistral-common one users run. Where mistral-common is not installed (a bare CUDA image), a ``TekkenVocab`` of
+    the same specials and byte-level pieces (the 256 single bytes, then two-letter ASCII merges): the detokenizer
+    does the same work per token, which is all a benchmark asks of the tokenizer."""
+    try:
+        import mistral_common  # noqa: F401
+    except ImportError:
+        specials = [t["token_str"] for t in special_tokens()]
+        letters = [bytes([c]) for c in range(33, 127)]
+        merges = (b"".join(p) for n in (2, 3) for p in itertools.product(letters, repeat=n))
+        pieces = [bytes([b]) for b in range(256)]
+        pieces += itertools.islice(merges, vocab_size - len(specials) - len(pieces))
+        return TekkenVocab(specials, pieces)
     with tempfile.TemporaryDirectory(prefix="small4-bench-tok-") as tmp:
         write_tiny_tekken(f"{tmp}/tekken.json", vocab_size - NUM_SPECIAL_TOKENS)
         return Tokenizer.from_file(tmp)

@@ -100,25 +100,26 @@ class DecodeGraphs:
 
     def _fill(
         self,
-        tokens: Sequence[int],
-        positions: Sequence[int],
-        slots: Sequence[int],
-        tables: Sequence[Sequence[int]],
-        seq_lens: Sequence[int],
+        tokens: Sequence[int] | torch.Tensor,
+        positions: Sequence[int] | torch.Tensor,
+        slots: Sequence[int] | torch.Tensor,
+        tables: Sequence[Sequence[int]] | torch.Tensor,
+        seq_lens: Sequence[int] | torch.Tensor,
         bucket: int,
     ) -> None:
-        """Real rows first, then padding rows up to ``bucket`` (reset every time: a smaller step may follow)."""
+        """Real rows first, then padding rows up to ``bucket`` (reset every time: a smaller step may follow).
+        Tensors (the runner's staged step, already on the device) are copied device to device; lists are uploaded
+        once per field, the ragged block tables scattered into a padded host array without a per-row loop."""
         B = len(tokens)
         device = self.input_ids.device
-        self.input_ids[:B].copy_(torch.tensor(tokens), non_blocking=True)
-        self.positions[:B].copy_(torch.tensor(positions), non_blocking=True)
-        self.slot_mapping[:B].copy_(torch.tensor(slots), non_blocking=True)
-        self.seq_lens[:B].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        width = max(len(t) for t in tables)
-        host = torch.full((B, width), self.pad_block, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            host[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.block_tables[:B, :width].copy_(host.to(device, non_blocking=True))
+        self.input_ids[:B].copy_(torch.as_tensor(tokens), non_blocking=True)
+        self.positions[:B].copy_(torch.as_tensor(positions), non_blocking=True)
+        self.slot_mapping[:B].copy_(torch.as_tensor(slots), non_blocking=True)
+        self.seq_lens[:B].copy_(torch.as_tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        if not isinstance(tables, torch.Tensor):
+            tables = _padded_table(tables, self.pad_block)
+        width = tables.shape[1]
+        self.block_tables[:B, :width].copy_(tables.to(device, non_blocking=True))
         self.block_tables[:B, width:].fill_(self.pad_block)
         self._pad(B, bucket)
 
@@ -131,22 +132,25 @@ class DecodeGraphs:
 
     def run(
         self,
-        tokens: Sequence[int],
-        positions: Sequence[int],
-        slots: Sequence[int],
-        tables: Sequence[Sequence[int]],
-        seq_lens: Sequence[int],
+        tokens: Sequence[int] | torch.Tensor,
+        positions: Sequence[int] | torch.Tensor,
+        slots: Sequence[int] | torch.Tensor,
+        tables: Sequence[Sequence[int]] | torch.Tensor,
+        seq_lens: Sequence[int] | torch.Tensor,
     ) -> torch.Tensor:
-        """One decode step of ``len(tokens)`` sequences -> their final hidden states [B, hidden]."""
+        """One decode step of ``len(tokens)`` sequences -> their final hidden states [B, hidden]. Inputs are lists,
+        or device tensors (``tables`` int32 [B, W] padded with ``pad_block``), as the runner stages them."""
         B = len(tokens)
-        if not 0 < B <= self.max_batch or max(len(t) for t in tables) > self.max_blocks_per_seq:
+        width = tables.shape[1] if isinstance(tables, torch.Tensor) else max(len(t) for t in tables)
+        if not 0 < B <= self.max_batch or width > self.max_blocks_per_seq:
             raise ValueError(f"batch {B} does not fit the decode graphs (max {self.max_batch})")
         bucket = self.bucket(B)
         self._fill(tokens, positions, slots, tables, seq_lens, bucket)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             return self.outputs[bucket][:B]
-        return self._forward(bucket, list(seq_lens) + [1] * (bucket - B))[:B]
+        lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else list(seq_lens)  # eager: no capture here
+        return self._forward(bucket, lens + [1] * (bucket - B))[:B]
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -166,3 +170,13 @@ class DecodeGraphs:
             self.graphs[bucket] = graph
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", self.ladder)
+
+
+def _padded_table(tables: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    """Ragged block-id lists -> int32 [B, W] padded with ``pad``: one flat upload and a masked scatter."""
+    lengths = torch.tensor([len(t) for t in tables])
+    width = int(lengths.max())
+    flat = torch.tensor([b for t in tables for b in t], dtype=torch.int32)
+    host = torch.full((len(tables), width), pad, dtype=torch.int32)
+    host[torch.arange(width)[None, :] < lengths[:, None]] = flat  # row-major order = the lists' order
+    return host

@@ -167,6 +167,7 @@ class Engine:
         outputs = []
         for seq_id in self.children.pop(request_id, []):
             self.scheduler.abort_request(seq_id)
+            self.sampler.release(seq_id)
             seq = self.sequences.pop(seq_id, None)
             if seq is not None:
                 outputs.append(self._output(seq, [], "", []))
@@ -211,6 +212,7 @@ class Engine:
             token_masks=masks,
             eos_token_id=self.tokenizer.eos_id,
             shared_generator=self.rng,
+            keys=request_ids,
         )
         out = self.sampler(logits, batch)
         logprobs = out.logprobs or [None] * len(seqs)
@@ -247,6 +249,7 @@ class Engine:
 
     def _forget(self, seq: _Sequence) -> None:
         del self.sequences[seq.request.request_id]
+        self.sampler.release(seq.request.request_id)
         siblings = self.children.get(seq.parent_id, [])
         if all(s not in self.sequences for s in siblings):
             self.children.pop(seq.parent_id, None)

@@ -15,6 +15,7 @@ from small4.engine.cuda_graphs import DecodeGraphs
 from small4.engine.multimodal import MultiModalInputs
 from small4.engine.request import Request
 from small4.engine.scheduler import ScheduledRequest, SchedulerOutput
+from small4.engine.step_inputs import StepInputs
 from small4.kernels.backend import kernel_backend
 from small4.model.context import AttentionMetadata
 from small4.model.mistral4 import Mistral4Model
@@ -59,16 +60,6 @@ def _encode_images(model: Mistral4Model, mm: MultiModalInputs, device: torch.dev
     if mm.embeddings is None:
         pixels = [torch.as_tensor(img.pixels).to(device=device, dtype=dtype) for img in mm.images]
         mm.embeddings = torch.cat(model.vision(pixels))  # [num_slots, hidden]
-
-
-def token_slice(request: Request, start: int, end: int) -> list[int]:
-    """Tokens [start, end) of prompt + output without copying the whole sequence (a decode reads one token)."""
-    prompt, num_prompt = request.prompt_token_ids, request.num_prompt_tokens
-    if start >= num_prompt:
-        return request.output_token_ids[start - num_prompt : end - num_prompt]
-    if end <= num_prompt:
-        return prompt[start:end]
-    return prompt[start:] + request.output_token_ids[: end - num_prompt]
 
 
 def _has_image_slot(item: ScheduledRequest) -> bool:
@@ -123,6 +114,7 @@ class ModelRunner:
             for _ in range(text.num_layers)
         ]
         self.decode_graphs: DecodeGraphs | None = None
+        self.inputs = StepInputs(self.device, self.block_size, self.pad_block)
         log.info("max tokens in cache: %d (%d blocks of %d)", self.max_cached_tokens, self.num_blocks, self.block_size)
 
     @property
@@ -185,61 +177,40 @@ class ModelRunner:
         graphs, items = self.decode_graphs, plan.scheduled
         if graphs is None or not items or len(items) > graphs.max_batch:
             return None
-        if any(item.num_new_tokens != 1 or _has_image_slot(item) for item in items):
-            return None
-        if any(len(item.request.block_ids) > graphs.max_blocks_per_seq for item in items):
-            return None
-        tokens, positions, slots = [], [], []
-        for item in items:
-            req, pos = item.request, item.start
-            tokens.extend(token_slice(req, pos, pos + 1))
-            positions.append(pos)
-            slots.append(self.slot(req, pos))
-        tables = [item.request.block_ids for item in items]
-        hidden = graphs.run(tokens, positions, slots, tables, [p + 1 for p in positions])
-        rows = [i for i, item in enumerate(items) if item.samples]
-        ids = [items[i].request.request_id for i in rows]
-        return StepBatch(ids, self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]))
+        width = graphs.max_blocks_per_seq
+        for item in items:  # one pass: this runs for every sequence of every decode step
+            if item.num_new_tokens != 1 or len(item.request.block_ids) > width:
+                return None
+            if item.request.mm_inputs is not None and _has_image_slot(item):
+                return None
+        step = self.inputs.stage(items, plan.preempted)
+        hidden = graphs.run(step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.seq_lens)
+        ids = [item.request.request_id for item in items if item.samples]
+        return StepBatch(ids, self.model.compute_logits(self._sampled_hidden(hidden, step)))
+
+    @staticmethod
+    def _sampled_hidden(hidden: torch.Tensor, step) -> torch.Tensor:
+        """The rows that sample (no gather, and no index upload, when every row does)."""
+        return hidden if step.all_rows_sample else hidden.index_select(0, step.sample_rows)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepBatch:
         graphed = self._graph_step(plan)
         if graphed is not None:
             return graphed
-        tokens, positions, slots, starts, seq_lens, tables, sample_rows, sample_ids = [], [], [], [0], [], [], [], []
-        image_rows: list[int] = []
-        image_embeds: list[torch.Tensor] = []
-        for item in plan.scheduled:
-            req, start, n = item.request, item.start, item.num_new_tokens
-            tokens.extend(token_slice(req, start, start + n))
-            pos = list(range(start, start + n))
-            positions.extend(pos)
-            slots.extend(self.slot(req, p) for p in pos)
-            starts.append(starts[-1] + n)
-            seq_lens.append(start + n)
-            tables.append(req.block_ids)
-            if req.mm_inputs is not None:
-                self._collect_image_rows(req, start, n, starts[-2], image_rows, image_embeds)
-            if item.samples:
-                sample_rows.append(starts[-1] - 1)
-                sample_ids.append(req.request_id)
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        items = plan.scheduled
+        step = self.inputs.stage(items, plan.preempted)
         meta = AttentionMetadata(
-            query_start_loc=starts,
-            seq_lens=seq_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_tables=block_tables.to(self.device),
+            query_start_loc=step.query_start_loc,
+            seq_lens=step.seq_lens_list,
+            slot_mapping=step.slot_mapping,
+            block_tables=step.block_tables,
             block_size=self.block_size,
+            seq_lens_tensor=step.seq_lens,
         )
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        images = None
-        if image_rows:
-            images = (torch.tensor(image_rows, dtype=torch.long, device=self.device), torch.cat(image_embeds))
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return StepBatch(
-            sample_ids, self.forward_step(ids, torch.tensor(positions, device=self.device), meta, rows, images)
-        )
+        images = self._image_rows(items, step.query_start_loc)
+        ids = [item.request.request_id for item in items if item.samples]
+        return StepBatch(ids, self.forward_step(step.input_ids, step.positions, meta, step.sample_rows, images))
 
     def forward_step(
         self,
@@ -250,8 +221,24 @@ class ModelRunner:
         images: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One eager forward over a flat batch: ids / positions [T], ``images`` = (rows [N], embeddings [N, hidden])
-        for the [IMG] slots -> float32 logits of ``sample_rows``. The one seam the parallel driver
-        (small4/parallel/) overrides, to send the same inputs to the other ranks first."""
+        for the [IMG] slots -> float32 logits of ``sample_rows`` (no gather when every row samples: sorted unique
+        rows, so a full count is the identity). The one seam the parallel driver (small4/parallel/) overrides, to
+        send the same inputs to the other ranks first."""
         embeds = None if images is None else self.model.embed(ids, images[1], images[0])
         hidden = self.model(ids, positions, meta, self.kv_caches, inputs_embeds=embeds)
-        return self.model.compute_logits(hidden[sample_rows])
+        if sample_rows.numel() != hidden.shape[0]:
+            hidden = hidden.index_select(0, sample_rows)
+        return self.model.compute_logits(hidden)
+
+    def _image_rows(self, items: list[ScheduledRequest], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The [IMG] slots of this step's chunks: (rows [N] in the flat batch, embeddings [N, hidden]), or None."""
+        image_rows: list[int] = []
+        image_embeds: list[torch.Tensor] = []
+        for i, item in enumerate(items):
+            if item.request.mm_inputs is not None:
+                self._collect_image_rows(
+                    item.request, item.start, item.num_new_tokens, starts[i], image_rows, image_embeds
+                )
+        if not image_rows:
+            return None
+        return torch.tensor(image_rows, dtype=torch.long, device=self.device), torch.cat(image_embeds)

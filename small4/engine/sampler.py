@@ -4,6 +4,11 @@ Every processor works on the full ``[B, V]`` tensor (or on the subset of rows th
 handful of kernels whatever the batch holds. Python loops run over rows only where the data is per request by
 nature: building the small per-row parameter tensors, calling grammar mask providers, and drawing each seeded
 row's noise from its own generator (which is what makes seeded sampling independent of batch composition).
+
+Penalties need each sequence's token counts. Given ``SamplingBatch.keys`` (the engine passes its sequence ids),
+the sampler keeps them on the device across steps (``PenaltyCounts``): the prompt's tokens are uploaded once,
+then each step only the tokens a sequence gained since it was last counted. Without keys (tests, one-off calls)
+the counts are built from the batch's lists, with the same values.
 """
 
 from __future__ import annotations
@@ -71,9 +76,12 @@ class SamplingBatch:
     token_masks: list[TokenMaskFn | None]
     eos_token_ids: list[int | None]
     shared_generator: torch.Generator | None = None
+    keys: list[str] | None = None  # one stable id per row (the sequence's): penalty counts persist under it
 
     def __post_init__(self) -> None:
         n = len(self.params)
+        if self.keys is not None and len(self.keys) != n:
+            raise ValueError("every SamplingBatch field needs one entry per row")
         fields = (
             self.prompt_token_ids,
             self.output_token_ids,
@@ -102,6 +110,7 @@ class SamplingBatch:
         token_masks: Sequence[TokenMaskFn | None] | None = None,
         eos_token_id: int | None | Sequence[int | None] = None,
         shared_generator: torch.Generator | None = None,
+        keys: Sequence[str] | None = None,
     ) -> SamplingBatch:
         """Build a batch; omitted lists default to empty token lists / no generator / no mask.
 
@@ -117,6 +126,7 @@ class SamplingBatch:
             token_masks=list(token_masks) if token_masks is not None else [None] * n,
             eos_token_ids=list(eos),
             shared_generator=shared_generator,
+            keys=list(keys) if keys is not None else None,
         )
 
 
@@ -139,7 +149,15 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Turns one step's logits into one token per row. Stateless: all state lives in the batch."""
+    """Turns one step's logits into one token per row. The only state kept across calls is ``penalties``: the
+    device-side token counts of penalised sequences, by the batch's keys (``release`` a key when it ends)."""
+
+    def __init__(self) -> None:
+        self.penalties = PenaltyCounts()
+
+    def release(self, key: str) -> None:
+        """Forget a sequence's penalty counts (it finished or was aborted)."""
+        self.penalties.release(key)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(batch):
@@ -151,25 +169,49 @@ class Sampler:
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs)
 
     def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Mask, bias, min_tokens and penalties, on a copy; the order is the one users' params assume."""
+        """Mask, bias, min_tokens and penalties, on a copy (the float32 logits themselves when no row has any);
+        the order is the one users' params assume."""
         vocab = logits.shape[1]
+        if not _needs_processing(batch):  # nothing to apply: no [B, V] copy (every decode step of plain sampling)
+            return logits.float()
         x = logits.float().clone()  # [B, V]
         masked = apply_token_masks(x, batch.token_masks)
         apply_logit_bias(x, batch.params, vocab)
         banned = apply_min_tokens(x, batch)
-        apply_repetition_penalty(x, batch)
-        apply_presence_frequency_penalties(x, batch)
+        apply_repetition_penalty(x, batch, self.penalties)
+        apply_presence_frequency_penalties(x, batch, self.penalties)
         if masked or banned:
             x = _fall_back_to_eos(x, batch.eos_token_ids)
         return x
 
 
-def _rows_tensor(rows: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device)
+def _needs_processing(batch: SamplingBatch) -> bool:
+    """Whether any row has a mask, a bias, a pending min_tokens ban or a penalty."""
+    for i, p in enumerate(batch.params):
+        if batch.token_masks[i] is not None or p.logit_bias or p.repetition_penalty != 1.0:
+            return True
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            return True
+        if p.min_tokens and len(batch.output_token_ids[i]) < p.min_tokens:
+            return True
+    return False
+
+
+def _upload(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-row tensor on ``device`` without a blocking copy: a copy from pageable memory waits for the
+    device to finish the forward first, so the host could not prepare anything meanwhile. Pinned + non_blocking
+    queues the copy behind the forward instead (the caching host allocator keeps the buffer until it is done)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _rows_tensor(rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    return _upload(rows, torch.long, device)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]  # [R, 1]
+    return _upload(values, torch.float32, device)[:, None]  # [R, 1]
 
 
 def apply_token_masks(logits: torch.Tensor, masks: Sequence[TokenMaskFn | None]) -> bool:
@@ -208,7 +250,7 @@ def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams], voc
             vals.append(bias)
     if rows:
         device = logits.device
-        values = torch.tensor(vals, dtype=logits.dtype, device=device)
+        values = _upload(vals, logits.dtype, device)
         logits.index_put_((_rows_tensor(rows, device), _rows_tensor(cols, device)), values, accumulate=True)
 
 
@@ -233,24 +275,98 @@ def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> bool:
 def _token_counts(token_lists: list[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """How many times each token occurs in each list: ``[R, V]`` float, built with one scatter-add."""
     lengths = [len(t) for t in token_lists]
-    flat = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long, device=device)
+    flat = _rows_tensor(list(itertools.chain.from_iterable(token_lists)), device)
     row_of = torch.repeat_interleave(
-        torch.arange(len(token_lists), device=device), torch.tensor(lengths, device=device)
+        torch.arange(len(token_lists), device=device), _rows_tensor(lengths, device)
     )  # [sum(lengths)]
     counts = torch.zeros(len(token_lists), vocab, dtype=torch.float32, device=device)  # [R, V]
     counts.index_put_((row_of, flat), torch.ones_like(flat, dtype=torch.float32), accumulate=True)
     return counts
 
 
-def apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch) -> None:
+class PenaltyCounts:
+    """Per-sequence token counts on the device, kept across steps: a sequence's row holds whether each token is in
+    its prompt and how often it is in its output. A row is filled from the prompt once; afterwards a step uploads
+    only the output tokens added since the last count (one flat upload and one scatter for all rows), never the
+    whole history. Rows live in two pools that double when full; a released row is reused."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, list] = {}  # key -> [pool row, output tokens counted, the prompt list counted]
+        self._free: list[int] = []
+        self._prompt: torch.Tensor | None = None  # bool [rows, V]
+        self._output: torch.Tensor | None = None  # float32 [rows, V]
+
+    def release(self, key: str) -> None:
+        entry = self._rows.pop(key, None)
+        if entry is not None:
+            self._free.append(entry[0])
+
+    def _grow(self, need: int, vocab: int, device: torch.device) -> None:
+        have = 0 if self._output is None else self._output.shape[0]
+        if self._output is not None and (self._output.shape[1] != vocab or self._output.device != device):
+            self._rows.clear()  # another model: start over
+            self._free, have, self._output = [], 0, None
+        if need <= len(self._free):
+            return
+        rows = max(need - len(self._free) + have, 2 * have, 8)
+        prompt = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        output = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+        if have:
+            prompt[:have], output[:have] = self._prompt, self._output
+        self._prompt, self._output = prompt, output
+        self._free.extend(range(have, rows))
+
+    def rows(self, batch: SamplingBatch, rows: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+        """The pool rows [R] of batch rows ``rows``, brought up to date with their prompts and outputs."""
+        keys = batch.keys
+        self._grow(sum(1 for i in rows if keys[i] not in self._rows), vocab, device)
+        pool_rows, new_rows, new_ids, add_rows, add_ids = [], [], [], [], []
+        for i in rows:
+            entry = self._rows.get(keys[i])
+            outputs = batch.output_token_ids[i]
+            prompt = batch.prompt_token_ids[i]
+            if entry is not None and (entry[1] > len(outputs) or entry[2] is not prompt):  # not the same sequence
+                self.release(keys[i])
+                entry = None
+            if entry is None:
+                entry = self._rows[keys[i]] = [self._free.pop(), 0, prompt]
+                self._prompt[entry[0]].zero_()
+                self._output[entry[0]].zero_()
+                new_rows += [entry[0]] * len(prompt)
+                new_ids += prompt
+            tail = outputs[entry[1] :]
+            add_rows += [entry[0]] * len(tail)
+            add_ids += tail
+            entry[1] = len(outputs)
+            pool_rows.append(entry[0])
+        if new_ids:
+            self._prompt[_rows_tensor(new_rows, device), _rows_tensor(new_ids, device)] = True
+        if add_ids:
+            idx = (_rows_tensor(add_rows, device), _rows_tensor(add_ids, device))
+            self._output.index_put_(idx, torch.ones(len(add_ids), device=device), accumulate=True)
+        return _rows_tensor(pool_rows, device)
+
+    def seen(self, pool_rows: torch.Tensor) -> torch.Tensor:
+        """bool [R, V]: the token is in the prompt or the output."""
+        return self._prompt.index_select(0, pool_rows) | (self._output.index_select(0, pool_rows) > 0)
+
+    def output_counts(self, pool_rows: torch.Tensor) -> torch.Tensor:
+        """float32 [R, V]: occurrences in the output."""
+        return self._output.index_select(0, pool_rows)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch, state: PenaltyCounts | None = None) -> None:
     """HF/vLLM repetition penalty over prompt + output tokens: positive logits divided by it, negative
     multiplied, so a penalty > 1 always makes a seen token less likely. Only rows that use it pay for it."""
     rows = [i for i, p in enumerate(batch.params) if p.repetition_penalty != 1.0]
     if not rows:
         return
-    device = logits.device
-    seen_lists = [[*batch.prompt_token_ids[i], *batch.output_token_ids[i]] for i in rows]
-    seen = _token_counts(seen_lists, logits.shape[1], device) > 0  # [R, V]
+    device, vocab = logits.device, logits.shape[1]
+    if state is not None and batch.keys is not None:
+        seen = state.seen(state.rows(batch, rows, vocab, device))  # [R, V]
+    else:
+        seen_lists = [[*batch.prompt_token_ids[i], *batch.output_token_ids[i]] for i in rows]
+        seen = _token_counts(seen_lists, vocab, device) > 0  # [R, V]
     penalty = _column([batch.params[i].repetition_penalty for i in rows], device)  # [R, 1]
     idx = _rows_tensor(rows, device)
     sub = logits.index_select(0, idx)  # [R, V]
@@ -258,13 +374,18 @@ def apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch) -> None
     logits.index_copy_(0, idx, torch.where(seen, penalised, sub))
 
 
-def apply_presence_frequency_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
+def apply_presence_frequency_penalties(
+    logits: torch.Tensor, batch: SamplingBatch, state: PenaltyCounts | None = None
+) -> None:
     """OpenAI penalties over output tokens only: ``logit -= frequency * count + presence * (count > 0)``."""
     rows = [i for i, p in enumerate(batch.params) if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
     if not rows:
         return
-    device = logits.device
-    counts = _token_counts([batch.output_token_ids[i] for i in rows], logits.shape[1], device)  # [R, V]
+    device, vocab = logits.device, logits.shape[1]
+    if state is not None and batch.keys is not None:
+        counts = state.output_counts(state.rows(batch, rows, vocab, device))  # [R, V]
+    else:
+        counts = _token_counts([batch.output_token_ids[i] for i in rows], vocab, device)  # [R, V]
     freq = _column([batch.params[i].frequency_penalty for i in rows], device)  # [R, 1]
     pres = _column([batch.params[i].presence_penalty for i in rows], device)  # [R, 1]
     idx = _rows_tensor(rows, device)
@@ -276,7 +397,7 @@ def _fall_back_to_eos(logits: torch.Tensor, eos_token_ids: Sequence[int | None])
     """A row with every token at -inf would sample NaN; force its eos instead (without a host sync)."""
     device = logits.device
     dead = torch.isneginf(logits).all(dim=-1, keepdim=True)  # [B, 1]
-    eos = torch.tensor([e if e is not None else 0 for e in eos_token_ids], device=device)[:, None]  # [B, 1]
+    eos = _rows_tensor([e if e is not None else 0 for e in eos_token_ids], device)[:, None]  # [B, 1]
     only_eos = torch.full_like(logits, _NEG_INF).scatter_(1, eos, 0.0)  # [B, V]
     return torch.where(dead, only_eos, logits)
 
@@ -305,17 +426,24 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 def _exponential_noise(batch: SamplingBatch, rows: list[int], vocab: int, device: torch.device) -> torch.Tensor:
     """``Exp(1)`` noise ``[B, V]`` for the sampled rows: each seeded row from its own generator (so its draw
-    does not depend on who else is in the batch), the unseeded ones in one draw from the shared generator."""
-    noise = torch.ones(len(batch), vocab, device=device)  # [B, V]
+    does not depend on who else is in the batch), the unseeded ones in one draw from the shared generator (the
+    engine's, seeded by its config; the global RNG when None)."""
     shared = [i for i in rows if batch.generators[i] is None]
+    if len(shared) == len(batch):  # every row from the shared generator: the one draw is the noise
+        noise = torch.empty(len(batch), vocab, device=device).exponential_(generator=batch.shared_generator)  # [B, V]
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+    noise = torch.ones(len(batch), vocab, device=device)  # [B, V]
     if shared:
         draw = torch.empty(len(shared), vocab, device=device).exponential_(generator=batch.shared_generator)
         noise[_rows_tensor(shared, device)] = draw
     for i in rows:
         generator = batch.generators[i]
-        if generator is not None:
-            draw = torch.empty(vocab, device=generator.device).exponential_(generator=generator)
-            noise[i] = draw.to(device)
+        if generator is None:
+            continue
+        if generator.device == noise.device:  # drawn in place into its row: one kernel per seeded row, not two
+            noise[i].exponential_(generator=generator)
+        else:
+            noise[i] = torch.empty(vocab, device=generator.device).exponential_(generator=generator).to(device)
     # Exp(1) can round to 0, which would turn a zero probability into 0/0 = NaN and win the argmax.
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
@@ -329,17 +457,23 @@ def _choose_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if not sampled_rows:
         return greedy_argmax
     device, vocab = logits.device, logits.shape[1]
-    temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
-    x = logits / temperature[:, None]  # [B, V]
+    # every per-row parameter in one upload: [5, B] = temperature, top_k, top_p, min_p, greedy
+    rows = [
+        [1.0 if p.greedy else p.temperature for p in params],
+        [p.top_k if p.top_k > 0 else vocab for p in params],
+        [p.top_p for p in params],
+        [p.min_p for p in params],
+        [float(p.greedy) for p in params],
+    ]
+    table = _upload(rows, torch.float32, device)
+    x = logits / table[0][:, None]  # [B, V]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        x = apply_top_k_top_p(x, top_k, top_p)
+        x = apply_top_k_top_p(x, table[1].long(), table[2])
     if any(p.min_p > 0.0 for p in params):
-        x = apply_min_p(x, torch.tensor([p.min_p for p in params], device=device))
+        x = apply_min_p(x, table[3])
     probs = x.softmax(dim=-1)  # [B, V]
     sampled = (probs / _exponential_noise(batch, sampled_rows, vocab, device)).argmax(dim=-1)  # [B]
-    is_greedy = torch.tensor([p.greedy for p in params], device=device)
+    is_greedy = table[4] > 0
     return torch.where(is_greedy, greedy_argmax, sampled)
 
 

@@ -165,8 +165,13 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Plan the next step: running decodes, then running prefill chunks, then admissions (FCFS)."""
         plan = _StepPlan(budget=self.config.max_num_batched_tokens)
-        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        decoding, prefilling = [], []
+        for r in self.running:  # one pass: a step's host time grows with every running sequence
+            left = len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens
+            if left == 1:
+                decoding.append(r)
+            elif left > 1:
+                prefilling.append(r)
         for request in decoding + prefilling:
             if plan.budget == 0:
                 break

@@ -75,9 +75,8 @@ class MLAttention(nn.Module):
         q = self._query(x).view(T, cfg.num_heads, cfg.qk_head_dim)  # [T, H, nope + rope]
         q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         ckv = self.kv_a_proj_with_mqa(x)  # [T, C + R]
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin, q_scale = meta.rope_tables(positions, x.dtype, lambda: self._rope_tables(positions, x.dtype))
         q_rope = self.rotary.apply(q_rope, cos, sin)  # [T, H, R]
-        q_scale = llama4_query_scale(positions, cfg.rope).to(x.dtype)[:, None, None]  # [T, 1, 1]
         q_nope, q_rope = q_nope * q_scale, q_rope * q_scale
         write_latents = latent_write_reference
         if kernel_backend(x.device) == "triton" and not ckv.requires_grad:  # the kernel has no backward
@@ -94,6 +93,11 @@ class MLAttention(nn.Module):
         else:
             out = self._attend_split(q_nope, q_rope, latents, meta, kv_cache)
         return self.o_proj(out.reshape(T, cfg.num_heads * cfg.v_head_dim))
+
+    def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos, sin [T, R/2] and the llama-4 query scale [T, 1, 1]: once per step, shared by every layer."""
+        cos, sin = self.rotary(positions, dtype)
+        return cos, sin, llama4_query_scale(positions, self.cfg.rope).to(dtype)[:, None, None]
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.q_lora_rank is None:

@@ -6,6 +6,7 @@ Keeping this in one object keeps model signatures at ``forward(input_ids, positi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ class AttentionMetadata:
     # CUDA-graph capture: shapes are padded to a fixed batch and must not steer host-side choices (split counts)
     static_shapes: bool = False
     _split: tuple[SubBatch | None, SubBatch | None] | None = field(default=None, repr=False)
+    _rope: tuple[torch.Tensor, torch.dtype, tuple[torch.Tensor, ...]] | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -41,6 +43,17 @@ class AttentionMetadata:
         if self.seq_lens_tensor is None or self.seq_lens_tensor.device != device:
             self.seq_lens_tensor = torch.tensor(self.seq_lens, dtype=torch.int32).to(device, non_blocking=True)
         return self.seq_lens_tensor
+
+    def rope_tables(
+        self, positions: torch.Tensor, dtype: torch.dtype, make: Callable[[], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]:
+        """The step's rotary cos/sin (and query scale) rows: ``make()`` runs in the first layer, the other layers
+        reuse its result (every layer sees the same positions). Keyed on the positions tensor itself and the dtype,
+        so a caller that passes other positions with the same metadata gets its own rows."""
+        cached = self._rope
+        if cached is None or cached[0] is not positions or cached[1] != dtype:
+            self._rope = cached = (positions, dtype, make())
+        return cached[2]
 
     @property
     def max_seq_len(self) -> int | None:
