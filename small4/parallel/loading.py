@@ -12,13 +12,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from small4.config import AttentionScaleMode, ModelConfig
 from small4.model.mistral4 import Mistral4Model
 from small4.parallel.plan import Cut, ShardPlan, scale_cut
 from small4.parallel.tp import parallelize
-from small4.weights.loader import CheckpointError, WeightLoader, list_shards
+from small4.weights.loader import CheckpointError, WeightLoader, list_shards, open_shard
 from small4.weights.names import Destination, NameMapper, is_vision, split_role
 
 
@@ -57,7 +56,7 @@ class ShardedWeightLoader(WeightLoader):
 
     def load_dir(self, model_dir: Path, progress: bool = True) -> None:
         for shard in list_shards(model_dir):  # headers only: every weight's full shape, for its scale's cut
-            with safe_open(str(shard), framework="pt", device="cpu") as f:
+            with open_shard(shard) as f:
                 for name in f.keys():
                     base, role = split_role(name)
                     if role == "weight":
@@ -65,11 +64,7 @@ class ShardedWeightLoader(WeightLoader):
         super().load_dir(model_dir, progress=progress)
 
     def _load_shard(self, shard: Path, state) -> None:
-        try:
-            handle = safe_open(str(shard), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
-            raise CheckpointError(f"{shard.name}: cannot read safetensors file ({e})") from e
-        with handle as f:
+        with open_shard(shard) as f:
             for name in f.keys():
                 sl = f.get_slice(name)
                 shape = sl.get_shape()

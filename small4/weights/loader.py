@@ -68,6 +68,14 @@ def list_shards(model_dir: Path, layout: str | None = None) -> list[Path]:
     return shards
 
 
+def open_shard(shard: Path):
+    """``safe_open`` on one shard; a truncated or corrupt header is a ``CheckpointError`` naming the file."""
+    try:
+        return safe_open(str(shard), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+        raise CheckpointError(f"{shard.name}: cannot read safetensors file ({e})") from e
+
+
 @dataclass
 class _Pending:
     weight: torch.Tensor | None = None
@@ -102,11 +110,7 @@ class WeightLoader:
         self._finish(state)
 
     def _load_shard(self, shard: Path, state: _LoadState) -> None:
-        try:
-            handle = safe_open(str(shard), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
-            raise CheckpointError(f"{shard.name}: cannot read safetensors file ({e})") from e
-        with handle as f:
+        with open_shard(shard) as f:
             for name in f.keys():
                 try:
                     tensor = f.get_tensor(name)
