@@ -146,8 +146,9 @@ class ParallelSession:
         self.runner.on_failure = self.on_failure
         return self.runner
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stops the workers (a "stop" message, then a wait, then kill) and leaves the process group. Idempotent;
+    def close(self, timeout: float = 30.0, leave_group: bool = True) -> None:
+        """Stops the workers (a "stop" message, then a wait, then kill) and leaves the process group (not with
+        ``leave_group=False``: a following node about to exit, see ``state.exit_following_rank``). Idempotent;
         also after a worker died (the watchdog has then stopped watching)."""
         if self.closed:
             return
@@ -166,7 +167,8 @@ class ParallelSession:
                     proc.kill()
                     proc.wait()
         finally:
-            close_distributed()
+            if leave_group:
+                close_distributed()
 
     def __enter__(self) -> ParallelSession:
         return self

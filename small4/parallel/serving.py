@@ -16,6 +16,7 @@ from small4.engine.async_engine import AsyncEngine
 from small4.engine.engine import Engine
 from small4.parallel.config import ParallelConfig
 from small4.parallel.launch import Nodes, ParallelSession
+from small4.parallel.state import exit_following_rank
 from small4.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ def follow_node(parallel: ParallelConfig, nodes: Nodes, device: str) -> int:
     session = ParallelSession(parallel.world_size, device=device, nodes=nodes)
     try:
         session.follow(expect=parallel)
-    finally:
+    except BaseException:
         session.close()
-    return 0
+        raise
+    session.close(leave_group=False)
+    exit_following_rank(0)

@@ -8,9 +8,12 @@ wait; joining has its own, longer one ($SMALL4_DIST_JOIN_TIMEOUT), since ranks s
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -71,3 +74,13 @@ def init_distributed(
 def close_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_following_rank(code: int = 0) -> NoReturn:
+    """Ends a rank that followed rank 0, without tearing its process group down: rank 0's process hosts the store,
+    and once it has gone, gloo's threads in a follower can abort the process at teardown ("terminate called without
+    an active exception", exit -6) after a clean stop. Logs are flushed first; the OS frees the rest."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
