@@ -148,7 +148,7 @@ class ParallelSession:
 
     def close(self, timeout: float = 30.0, leave_group: bool = True) -> None:
         """Stops the workers (a "stop" message, then a wait, then kill) and leaves the process group (not with
-        ``leave_group=False``: a following node about to exit, see ``state.exit_following_rank``). Idempotent;
+        ``leave_group=False``: a following node about to exit, see ``state.exit_without_teardown``). Idempotent;
         also after a worker died (the watchdog has then stopped watching)."""
         if self.closed:
             return

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from small4.engine.model_runner import resolve_device
     from small4.parallel.config import ParallelConfig
     from small4.parallel.runner import RankMismatchError, worker_loop
-    from small4.parallel.state import exit_following_rank, init_distributed
+    from small4.parallel.state import exit_without_teardown, init_distributed
 
     expect = None
     if args.tensor_parallel_size is not None:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("rank %s failed", os.environ.get("RANK", "?"))
         return 1
     log.info("rank %d: stopped after %d steps", d.rank, steps)
-    exit_following_rank(0)
+    exit_without_teardown(0)
 
 
 if __name__ == "__main__":

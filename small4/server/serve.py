@@ -231,4 +231,8 @@ def serve(args: argparse.Namespace) -> int:
         ctx.engine.engine.runner.max_cached_tokens,
     )
     make_server(app, ctx, args.host, args.port, args.shutdown_timeout).run()
+    if parallel_config(args) is not None:  # rank 0 of a split: reap the workers, leave gloo's teardown out
+        from small4.parallel.serving import end_serving_process
+
+        end_serving_process(0)
     return 0
