@@ -100,12 +100,18 @@ def moe_align(
     Returns ``sorted_token_ids`` [max_padded] (int32 slot ids, token = slot // k; padding and the unused tail hold
     the sentinel T * k), ``expert_ids`` [max_padded // block_m] (int32 expert of each block; blocks past the end
     hold -1) and ``num_tokens_post_padded`` [1] (int32, the used length, a multiple of ``block_m``). ``max_padded``
-    = round_up(T * k + E * (block_m - 1), block_m) is known without reading the device, so nothing syncs. Experts
-    with no tokens get no block. Slots of one expert keep their original (token-major) order.
+    = round_up(T * k + (E + 1) * (block_m - 1), block_m) is known without reading the device, so nothing syncs.
+    Experts with no tokens get no block. Slots of one expert keep their original (token-major) order.
+
+    A negative id is an assignment this rank does not compute (expert parallelism: another rank holds the expert).
+    Those slots sort into one last group after every expert's, whose blocks have expert id -1: the kernels do no
+    work for them but store zeros into their output rows, so the combine needs no mask and no sync.
     """
     device = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)  # [N], N = T * k
     n = flat.numel()
+    flat = torch.where(flat < 0, num_experts, flat)  # not-here slots: bucket E, after every real expert
+    num_experts += 1
     max_padded = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
     # scatter_add, not bincount: CUDA's bincount reads the max id on the host (a sync, and no graph capture)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
@@ -122,7 +128,7 @@ def moe_align(
     blocks = torch.arange(max_padded // block_m, device=device)  # [num_blocks]
     block_end = padded_end // block_m  # [E] one past each expert's last block
     expert_ids = torch.searchsorted(block_end, blocks, right=True)  # [num_blocks] experts ending at or before b
-    expert_ids = torch.where(expert_ids < num_experts, expert_ids, -1).to(torch.int32)
+    expert_ids = torch.where(expert_ids < num_experts - 1, expert_ids, -1).to(torch.int32)  # bucket E and the tail
     num_tokens_post_padded = padded_end[-1:].to(torch.int32)  # [1]
     return sorted_token_ids, expert_ids, num_tokens_post_padded
 
@@ -173,6 +179,8 @@ def _gate_up_silu_kernel(
     valid = slots < num_slots
     tokens = slots // top_k
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:  # slots another rank computes: no h needed
+        return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
@@ -239,6 +247,12 @@ def _down_kernel(
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    if expert < 0:  # slots another rank computes: zeros, so the combine's sum over k needs no mask
+        zero_ptrs = y_ptr + slots[:, None] * stride_yt + offs_n[None, :] * stride_yn
+        tl.store(
+            zero_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :]
+        )
+        return
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + slots[:, None] * stride_ht + offs_k[None, :] * stride_hk  # [BM, BK]
     w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
@@ -459,6 +473,8 @@ def _gate_up_silu_nvfp4_kernel(
     valid = slots < num_slots
     tokens = slots // top_k
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:  # slots another rank computes: no h needed
+        return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
     offs_p = tl.arange(0, BLOCK_K // 2)  # packed column (byte) within the step; covers k = 2p and 2p + 1
@@ -536,6 +552,12 @@ def _down_nvfp4_kernel(
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    if expert < 0:  # slots another rank computes: zeros, so the combine's sum over k needs no mask
+        zero_ptrs = y_ptr + slots[:, None] * stride_yt + offs_n[None, :] * stride_yn
+        tl.store(
+            zero_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :]
+        )
+        return
     offs_p = tl.arange(0, BLOCK_K // 2)
     a_even = h_ptr + slots[:, None] * stride_ht + (2 * offs_p)[None, :] * stride_hk  # [BM, BK/2]
     w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_p[:, None] * stride_wk  # [BK/2, BN]

@@ -2,7 +2,8 @@
 
 Same signature as the Triton kernel: tokens [T, H], fused gate/up weights w13 [E, 2I, H] and down weights
 w2 [E, H, I] (dense here; FP8 with scales is dequantised by the caller), top-k expert ids and weights [T, k].
-Returns sum_k weight_k * down_e(silu(gate_e(x)) * up_e(x)). A loop over the experts that received tokens:
+Returns sum_k weight_k * down_e(silu(gate_e(x)) * up_e(x)); a negative id is an assignment another rank computes
+(expert parallelism) and adds nothing. A loop over the experts that received tokens:
 slow and obviously correct.
 """
 
@@ -23,7 +24,9 @@ def fused_moe_reference(
     out = torch.zeros_like(x)
     flat_ids = topk_ids.reshape(-1)  # [T * k]
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    skipped = int((flat_ids < 0).sum())  # another rank's experts (expert parallelism): they sort first, add nothing
+    order = order[skipped:]
+    counts = torch.bincount(flat_ids[flat_ids >= 0], minlength=w13.shape[0]).tolist()
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:

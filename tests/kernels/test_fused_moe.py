@@ -60,7 +60,7 @@ def check_align(topk_ids, E, bm):
     n = flat.numel()
     counts = torch.bincount(flat, minlength=E)
     total = int(((counts + bm - 1) // bm * bm).sum())
-    max_padded = -(-(n + E * (bm - 1)) // bm) * bm
+    max_padded = -(-(n + (E + 1) * (bm - 1)) // bm) * bm  # E experts and the group of not-here (negative) ids
     assert sorted_ids.shape == (max_padded,) and expert_ids.shape == (max_padded // bm,)
     assert sorted_ids.dtype == expert_ids.dtype == num_post.dtype == torch.int32
     assert int(num_post) == total and total % bm == 0
@@ -103,6 +103,16 @@ def test_moe_align_one_expert_and_empty_experts():
     check_align(torch.tensor([[5, 0]] * 6), 8, 4)
 
 
+def test_moe_align_puts_other_ranks_slots_last():
+    # slots 0..5 -> experts [1, -1, -1, 0, 1, -1]: expert 0 {3}, expert 1 {0, 4}, then the not-here group {1, 2, 5}
+    ids = torch.tensor([[1, -1], [-1, 0], [1, -1]])
+    sorted_ids, expert_ids, num_post = moe_align(ids, 2, 2)
+    S = 6
+    assert sorted_ids[:8].tolist() == [3, S, 0, 4, 1, 2, 5, S]
+    assert expert_ids[:4].tolist() == [0, 1, -1, -1]  # the kernels store zeros for the last two blocks
+    assert int(num_post) == 8
+
+
 # ---------------------------------------------------------------- kernel vs reference
 
 
@@ -140,6 +150,26 @@ def test_edge_routings(ids, device):
     x, w13, w2, ids, weights = (t.to(device) for t in (x, w13, w2, ids, weights))
     ref = fused_moe_reference(x, w13, w2, ids, weights)
     assert_close(fused_moe(x, w13, w2, ids, weights, config=SMALL), ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_other_ranks_experts_are_skipped(dtype, device):
+    """Expert parallelism: ids < 0 (experts another rank holds) add nothing; the rest equal the reference over the
+    local experts only, and equal the full MoE restricted to them (the weight-0 formulation it replaces)."""
+    g = torch.Generator().manual_seed(11)
+    T, E, k, H, I = 19, 8, 3, 32, 48
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w13, w2 = (w.to(dtype) for w in make_weights(E, H, I, g))
+    ids, weights = random_routing(T, E, k, g)
+    weights = weights.to(dtype)
+    local = torch.where(ids < E // 2, ids, -1)  # this rank holds experts 0..3
+    x, w13, w2, ids, local, weights = (t.to(device) for t in (x, w13, w2, ids, local, weights))
+    ref = fused_moe_reference(x, w13[: E // 2], w2[: E // 2], local, weights)
+    zeroed = fused_moe_reference(x, w13, w2, ids, weights * (ids < E // 2).to(dtype))
+    assert_close(ref, zeroed, dtype)
+    assert_close(fused_moe(x, w13[: E // 2], w2[: E // 2], local, weights, config=SMALL), ref, dtype)
+    nothing = torch.full_like(ids, -1)  # a rank none of whose experts were chosen
+    assert bool((fused_moe(x, w13[: E // 2], w2[: E // 2], nothing, weights, config=SMALL) == 0).all())
 
 
 @pytest.mark.parametrize("T", [3, 17])

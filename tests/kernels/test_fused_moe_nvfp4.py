@@ -81,6 +81,16 @@ def test_uneven_expert_loads(ids, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_other_ranks_experts_are_skipped(dtype, device):
+    """Expert parallelism: ids < 0 (another rank's experts) add nothing, the rest match the twin."""
+    ids = torch.tensor([[3, -1], [-1, -1], [0, 2], [-1, 1]] * 5)
+    args = make_problem(ids.shape[0], 4, 2, 32, 64, 9, dtype, device, ids=ids)
+    ref = fused_moe_nvfp4_reference(*args)
+    assert bool((ref[1::4] == 0).all())  # a token with no local assignment
+    assert_close(fused_moe_nvfp4(*args, config=SMALL), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_tokens(dtype, device):
     args = make_problem(0, 4, 2, 32, 64, 1, dtype, device, ids=torch.zeros(0, 2, dtype=torch.long))
     out = fused_moe_nvfp4(*args)
