@@ -47,6 +47,9 @@ class RoutedExperts(nn.Module):
         self.w2_scale: torch.Tensor | None = None  # [E, 1, 1]
         self.w13_packed: nn.Parameter | None = None
         self.dims = (num_experts, hidden, intermediate)
+        # expert parallelism (parallel/ep.py): routes (x, ids, weights) to the ranks holding the experts and calls
+        # ``compute`` on this rank's share with local ids (-1: another rank's expert, skipped); None: one device
+        self.dispatch = None
 
     def to_nvfp4(self) -> None:
         """Swaps the dense expert tensors for empty 4-bit ones (filled by the loader), on the same device."""
@@ -80,6 +83,12 @@ class RoutedExperts(nn.Module):
         return w13, dequantize_nvfp4(self.w2_packed, self.w2_block_scale, self.w2_global, dtype)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.dispatch is not None:
+            return self.dispatch(self.compute, x, topk_ids, topk_weights)
+        return self.compute(x, topk_ids, topk_weights)
+
+    def compute(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The experts this module holds over ``x``; a negative id adds nothing (another rank holds that expert)."""
         if self.w13_packed is not None and kernel_backend(x.device) == "triton":
             from small4.kernels.fused_moe import fused_moe_nvfp4  # the 4-bit kernel, Triton only
 

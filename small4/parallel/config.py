@@ -17,6 +17,9 @@ from small4.config import ConfigError, TextConfig
 class ParallelConfig:
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1  # > 1: the routed experts are partitioned over this many ranks
+    # expert dispatch (ep.py): batches of at least this many tokens go all-to-all, smaller ones through the gather
+    # (no extra collective); None: always the gather, the faster one while tokens are replicated (measured)
+    all_to_all_min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         tp, ep = self.tensor_parallel_size, self.expert_parallel_size
@@ -24,6 +27,8 @@ class ParallelConfig:
             raise ConfigError(f"parallel sizes must be >= 1, got tensor {tp}, expert {ep}")
         if tp > 1 and ep > 1 and tp != ep:
             raise ConfigError(f"expert parallel size {ep} must equal the tensor parallel size {tp} (or be 1)")
+        if self.all_to_all_min_tokens is not None and self.all_to_all_min_tokens < 1:
+            raise ConfigError(f"all_to_all_min_tokens must be >= 1 or None, got {self.all_to_all_min_tokens}")
 
     @property
     def world_size(self) -> int:

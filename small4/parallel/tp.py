@@ -6,7 +6,7 @@ The model code stays single-device. This transform only
 - swaps the embedding and lm_head for vocab-parallel modules with the same parameter names,
 - adds the collectives as forward hooks: one all-reduce after attention (o_proj is row-parallel, so its output is a
   partial sum), one after each MoE block (partial expert sums plus the partial shared expert), and, with expert
-  parallelism, a pre-hook that maps global expert ids to local ones (other ranks' experts get weight 0).
+  parallelism, the experts' ``ExpertDispatch`` (ep.py: each rank runs only the assignments to its own experts).
 
 The MLA latent cache is not split: every rank computes the same latents (kv_a is replicated) and keeps a full copy.
 """
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from small4.model.mistral4 import Mistral4Model
+from small4.parallel.ep import ExpertDispatch
 from small4.parallel.plan import ShardPlan
 
 
@@ -76,19 +77,6 @@ class VocabParallelHead(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
-def _expert_ids_hook(first: int, count: int):
-    """Global expert ids -> local ones; assignments to other ranks' experts go to local expert 0 with weight 0
-    (their sum arrives through the MoE all-reduce). Simple and exact; an all-to-all dispatch would skip them."""
-
-    def hook(module: nn.Module, args: tuple) -> tuple:
-        x, ids, weights = args
-        mine = (ids >= first) & (ids < first + count)  # [T, k]
-        local = torch.where(mine, ids - first, torch.zeros_like(ids))
-        return x, local, weights * mine.to(weights.dtype)
-
-    return hook
-
-
 def parallelize(model: Mistral4Model, plan: ShardPlan, group: dist.ProcessGroup | None = None) -> Mistral4Model:
     """Applies ``plan`` to ``model`` in place (before the weights are loaded) and returns it."""
     text = plan.text
@@ -112,7 +100,9 @@ def parallelize(model: Mistral4Model, plan: ShardPlan, group: dist.ProcessGroup 
             experts.w13 = _param((E, 2 * I, H), experts.w13)
             experts.w2 = _param((E, H, I), experts.w2)
             if plan.expert_parallel:
-                experts.register_forward_pre_hook(_expert_ids_hook(plan.experts.start, E))
+                experts.dispatch = ExpertDispatch(
+                    plan.rank, plan.moe_parts, E, group, plan.parallel.all_to_all_min_tokens
+                )
             if moe.shared_experts is not None:
                 _resize_linear(moe.shared_experts.gate_up, out_features=2 * plan.shared.size)
                 _resize_linear(moe.shared_experts.down, in_features=plan.shared.size)

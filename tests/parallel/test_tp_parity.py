@@ -1,4 +1,5 @@
-"""TP=2, EP=2 and TP=2+EP against one process, on the tiny checkpoints (both layouts; FP8 kept and dequantised).
+"""TP=2, EP=2 and TP=2+EP (the expert dispatch's gather, and its all-to-all) against one process, on the tiny
+checkpoints (both layouts; FP8 kept and dequantised).
 
 This test process is rank 0 (it drives, as the API process does); one worker subprocess is rank 1, over gloo on
 loopback. One session serves every case: each case is a "load" message, so the worker starts once. Greedy outputs
@@ -23,6 +24,9 @@ from small4.weights.tiny import make_tiny
 
 ENGINE = EngineConfig(profile="latency", dtype="float32", device="cpu", kv_cache_memory=4 << 20)
 SPLITS = {"tp2": ParallelConfig(2, 1), "ep2": ParallelConfig(1, 2), "tp2+ep": ParallelConfig(2, 2)}
+# the expert dispatch's all-to-all: from 8 tokens (prefills go all-to-all, decodes through the gather), and always
+# (decodes of one token: one rank owns no token and sends nothing)
+SPLITS |= {"ep2-a2a": ParallelConfig(1, 2, all_to_all_min_tokens=8), "tp2+ep-a2a": ParallelConfig(2, 2, 1)}
 CHECKPOINTS = [("hf", False, False), ("mistral", False, False), ("hf", True, False), ("hf", True, True)]
 CHECKPOINTS += [("mistral", True, True)]
 PROMPTS = ["the quick brown fox", "a b c d e f g h i j k l m n o p"]
@@ -80,3 +84,8 @@ def test_parallel_matches_one_process(session, checkpoints, layout, fp8, keep):
         got_logits = prefill_logits(runner, tokenizer)
         torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         assert greedy(runner, tokenizer) == want_tokens, name
+        if split.expert_parallel:  # each strategy ran where its batch sizes came up
+            calls = runner.model.layers[0].mlp.experts.dispatch.calls
+            threshold = split.all_to_all_min_tokens
+            assert calls["all_to_all"] > 0 if threshold else calls["all_to_all"] == 0, (name, calls)
+            assert calls["gather"] > 0 if threshold != 1 else calls["gather"] == 0, (name, calls)
