@@ -2,8 +2,9 @@
 
 ``ShardedWeightLoader`` is the single-device ``WeightLoader`` with two differences: tensor names map to this
 rank's destinations (``ShardPlan.local``), and each tensor is read through the rank's ``Cut`` of it (its FP8 scale
-and activation scale cut to match). Tensors of other ranks' experts are not read at all. ``bytes_read`` counts what
-came off the files, so a test can check that a rank read its share and not more.
+and activation scale cut to match; NVFP4 packed bytes and 16-value block scales cut alike, divisors replicated).
+Tensors of other ranks' experts are not read at all. ``bytes_read`` counts what came off the files, so a test can
+check that a rank read its share and not more.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import torch
 
-from small4.config import AttentionScaleMode, ModelConfig
+from small4.config import AttentionScaleMode, ConfigError, ModelConfig
+from small4.kernels.backend import kernel_backend
+from small4.kernels.nvfp4 import FP4_BLOCK
 from small4.model.mistral4 import Mistral4Model
+from small4.parallel.config import Range
 from small4.parallel.plan import Cut, ShardPlan, scale_cut
 from small4.parallel.tp import parallelize
 from small4.weights.loader import CheckpointError, WeightLoader, list_shards, open_shard
@@ -46,8 +50,10 @@ def _read(f, name: str, piece_reader, cut: Cut | None, shape: list[int]) -> torc
 
 
 class ShardedWeightLoader(WeightLoader):
-    def __init__(self, model: Mistral4Model, config: ModelConfig, plan: ShardPlan, keep_fp8: bool = False) -> None:
-        super().__init__(model, config, keep_fp8=keep_fp8)
+    def __init__(
+        self, model: Mistral4Model, config: ModelConfig, plan: ShardPlan, keep_fp8: bool = False, keep_nvfp4=False
+    ) -> None:
+        super().__init__(model, config, keep_fp8=keep_fp8, keep_nvfp4=keep_nvfp4)
         self.mapper = _LocalMapper(config, plan)
         self.plan = plan
         self.bytes_read = 0
@@ -92,8 +98,25 @@ class ShardedWeightLoader(WeightLoader):
         cut = self.plan.cut(dest)
         if cut is None or role == "weight":
             return cut
+        if role in ("packed", "block_scale", "global_scale", "input_global_scale"):
+            return nvfp4_cut(cut, role, len(shape))
         weight_shape = self._weight_shapes.get(base)
         return None if weight_shape is None else scale_cut(cut, tuple(shape), tuple(weight_shape))
+
+
+def nvfp4_cut(cut: Cut, role: str, ndim: int) -> Cut | None:
+    """The cut of one NVFP4 tensor that matches ``cut`` of its dense weight. Rows are cut alike in the packed bytes
+    and the block scales; a cut of the input (last) dimension becomes bytes (2 values each) and whole 16-value scale
+    blocks, so it must fall on block boundaries. The per-tensor divisors are replicated (read whole)."""
+    if role in ("global_scale", "input_global_scale"):
+        return None
+    if cut.dim != ndim - 1:
+        return cut
+    per = 2 if role == "packed" else FP4_BLOCK
+    for p in cut.pieces:
+        if p.start % FP4_BLOCK or p.stop % FP4_BLOCK:
+            raise ValueError(f"a split at {p.start}:{p.stop} falls inside NVFP4's {FP4_BLOCK}-value scale blocks")
+    return Cut(cut.dim, tuple(Range(p.start // per, p.stop // per) for p in cut.pieces))
 
 
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
@@ -115,19 +138,26 @@ def load_sharded_model(
     keep_fp8: bool = False,
     vision: bool = True,
     attention_scale_mscale: AttentionScaleMode = "auto",
+    keep_nvfp4: bool | None = None,
 ) -> tuple[Mistral4Model, ShardedWeightLoader]:
     """One rank's shard of the model: built on meta, parallelized, allocated once, filled with its slices.
-    ``vision=False`` leaves the vision tower out (workers: rank 0 encodes images and broadcasts the embeddings)."""
+    ``vision=False`` leaves the vision tower out (workers: rank 0 encodes images and broadcasts the embeddings).
+    ``keep_nvfp4`` None: NVFP4 routed experts stay 4-bit where the Triton kernels run (as ``load_model``)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir, attention_scale_mscale)
-    if config.quant.method == "nvfp4":  # packed 4-bit rows and 16-value scale blocks are not cut by the plan yet
-        raise ValueError("NVFP4 checkpoints are not supported with tensor or expert parallelism yet")
+    if config.quant.method == "nvfp4" and not plan.expert_parallel and plan.inter.size % FP4_BLOCK:
+        raise ConfigError(
+            f"NVFP4 experts split over {plan.moe_parts} ranks leave {plan.inter.size} intermediate columns each, "
+            f"not whole {FP4_BLOCK}-value scale blocks (use --enable-expert-parallel)"
+        )
+    if keep_nvfp4 is None:
+        keep_nvfp4 = kernel_backend(torch.device(device)) == "triton"
     if not vision:
         config = replace(config, vision=None)
     with torch.device("meta"):
         model = Mistral4Model(config)
     parallelize(model, plan, group)
     model = model.to_empty(device=device).to(dtype)
-    loader = ShardedWeightLoader(model, config, plan, keep_fp8=keep_fp8)
+    loader = ShardedWeightLoader(model, config, plan, keep_fp8=keep_fp8, keep_nvfp4=keep_nvfp4)
     loader.load_dir(model_dir, progress=False)
     return model.eval(), loader

@@ -99,6 +99,7 @@ def parallelize(model: Mistral4Model, plan: ShardPlan, group: dist.ProcessGroup 
             experts, E, I, H = moe.experts, plan.experts.size, plan.inter.size, text.hidden_size
             experts.w13 = _param((E, 2 * I, H), experts.w13)
             experts.w2 = _param((E, H, I), experts.w2)
+            experts.dims = (E, H, I)  # the local shapes ``to_nvfp4`` allocates (NVFP4 experts kept 4-bit)
             if plan.expert_parallel:
                 experts.dispatch = ExpertDispatch(
                     plan.rank, plan.moe_parts, E, group, plan.parallel.all_to_all_min_tokens

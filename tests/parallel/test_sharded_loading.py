@@ -70,3 +70,42 @@ def test_each_rank_reads_only_its_share(tmp_path, layout, fp8):
     assert vision > 0
     model, loader = load_sharded_model(model_dir, ShardPlan(config.text, ParallelConfig(2, 2), 1), vision=False)
     assert model.vision is None and loader.bytes_read == whole - vision + split // 2
+
+
+@pytest.mark.parametrize("split", [ParallelConfig(2, 1), ParallelConfig(2, 2)], ids=["tp2", "tp2+ep"])
+def test_nvfp4_experts_are_cut_in_packed_bytes_and_scale_blocks(tmp_path, split):
+    """NVFP4 experts kept 4-bit: under TP each rank's gate and up rows and its down projection's input columns
+    (bytes of two values, scale blocks of 16) of every expert, under EP whole experts; divisors replicated."""
+    model_dir = make_tiny(tmp_path / "tiny", layout="mistral", quant="nvfp4")
+    config = ModelConfig.from_dir(model_dir)
+    full = load_model(model_dir, torch.float32, keep_nvfp4=True, progress=False).layers[1].mlp.experts
+    I = config.text.moe_intermediate_size
+    for rank in range(2):
+        plan = ShardPlan(config.text, split, rank)
+        model, _ = load_sharded_model(model_dir, plan, dtype=torch.float32, keep_nvfp4=True)
+        local = model.layers[1].mlp.experts
+        e, i = slice(plan.experts.start, plan.experts.stop), plan.inter
+        rows = torch.cat([torch.arange(i.start, i.stop), torch.arange(I + i.start, I + i.stop)])  # gate, up
+        for name, want in [
+            ("w13_packed", full.w13_packed[e][:, rows]),
+            ("w13_block_scale", full.w13_block_scale[e][:, rows]),
+            ("w2_packed", full.w2_packed[e][..., i.start // 2 : i.stop // 2]),
+            ("w2_block_scale", full.w2_block_scale[e][..., i.start // 16 : i.stop // 16]),
+            ("w13_global", full.w13_global[e]),
+            ("w2_global", full.w2_global[e]),
+        ]:
+            got = getattr(local, name)
+            assert got.shape == want.shape and bool((got.view(torch.uint8) == want.view(torch.uint8)).all()), name
+        w13, w2 = full.dense(torch.float32)
+        got13, got2 = local.dense(torch.float32)
+        torch.testing.assert_close(got13, w13[e][:, rows], rtol=0, atol=0)
+        torch.testing.assert_close(got2, w2[e][..., i.start : i.stop], rtol=0, atol=0)
+
+
+def test_nvfp4_split_inside_a_scale_block_is_refused(tmp_path):
+    from small4.config import ConfigError
+
+    model_dir = make_tiny(tmp_path / "tiny", layout="mistral", quant="nvfp4")
+    config = ModelConfig.from_dir(model_dir)
+    with pytest.raises(ConfigError, match="16-value scale blocks"):  # 32 columns over 4 ranks: 8 each
+        load_sharded_model(model_dir, ShardPlan(config.text, ParallelConfig(4, 1), 0), dtype=torch.float32)

@@ -1,5 +1,5 @@
 """TP=2, EP=2 and TP=2+EP (the expert dispatch's gather, and its all-to-all) against one process, on the tiny
-checkpoints (both layouts; FP8 kept and dequantised).
+checkpoints (both layouts; FP8 kept and dequantised; NVFP4 experts).
 
 This test process is rank 0 (it drives, as the API process does); one worker subprocess is rank 1, over gloo on
 loopback. One session serves every case: each case is a "load" message, so the worker starts once. Greedy outputs
@@ -28,7 +28,7 @@ SPLITS = {"tp2": ParallelConfig(2, 1), "ep2": ParallelConfig(1, 2), "tp2+ep": Pa
 # (decodes of one token: one rank owns no token and sends nothing)
 SPLITS |= {"ep2-a2a": ParallelConfig(1, 2, all_to_all_min_tokens=8), "tp2+ep-a2a": ParallelConfig(2, 2, 1)}
 CHECKPOINTS = [("hf", False, False), ("mistral", False, False), ("hf", True, False), ("hf", True, True)]
-CHECKPOINTS += [("mistral", True, True)]
+CHECKPOINTS += [("mistral", True, True), ("mistral", "nvfp4", False)]  # NVFP4 experts (dequantised on the CPU)
 PROMPTS = ["the quick brown fox", "a b c d e f g h i j k l m n o p"]
 
 
@@ -45,11 +45,12 @@ def session():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {
+    made = {
         (layout, fp8): make_tiny(root / f"{layout}-{fp8}", layout=layout, fp8=fp8)
         for layout in ("hf", "mistral")
         for fp8 in (False, True)
     }
+    return made | {("mistral", "nvfp4"): make_tiny(root / "nvfp4", layout="mistral", quant="nvfp4")}
 
 
 def greedy(runner: ModelRunner, tokenizer: Tokenizer) -> list[list[int]]:
