@@ -2,7 +2,8 @@
 
 Only rank 0 runs the scheduler, the sampler and the API. ``DriverRunner`` is the ordinary ``ModelRunner`` whose
 ``forward_step`` first broadcasts the step's inputs (channel.py); each worker sits in ``worker_loop`` receiving
-them and running the same forward, so every rank issues the same collectives in the same order. Startup checks
+them and running the same forward, so every rank issues the same collectives in the same order (decode steps
+that fit the CUDA graphs: a "graph_step", each rank replaying its own graph, graphs.py). Startup checks
 that all ranks agree on the checkpoint config, the split and the engine settings before any weight is read, then
 agrees on one cache size (the smallest any rank can hold).
 """
@@ -22,8 +23,9 @@ import torch.distributed as dist
 from small4.config import EngineConfig, ModelConfig
 from small4.engine.model_runner import ModelRunner, resolve_dtype
 from small4.model.context import AttentionMetadata
-from small4.parallel.channel import StepInputs, recv_json, recv_step, send_step
+from small4.parallel.channel import StepInputs, recv_json, recv_step, send_json, send_step
 from small4.parallel.config import ParallelConfig
+from small4.parallel.graphs import BroadcastGraphs, graphs_message, prepare_rank_graphs, run_graph_step
 from small4.parallel.loading import load_sharded_model
 from small4.parallel.plan import ShardPlan
 from small4.parallel.state import Dist
@@ -97,9 +99,27 @@ class DriverRunner(ModelRunner):
                 self.on_failure(f"step failed on rank 0, the ranks are out of step ({str(e).splitlines()[0]})")
             raise
 
-    def prepare_decode_graphs(self, max_model_len: int, max_batch: int) -> None:
-        """Not yet: each rank would have to capture and replay its own graph around the collectives."""
-        log.info("decode CUDA graphs are off with tensor/expert parallelism (eager steps)")
+    def prepare_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool = True) -> None:
+        """Every rank builds the same decode graphs (graphs.py): told first, then all capture the same ladder in the
+        same order, collectives inside. ``capture=False``: the static-buffer path without capture (tests, CPU)."""
+        send_json(self.dist, graphs_message(max_model_len, max_batch, capture))
+        prepare_rank_graphs(self, max_model_len, max_batch, capture)
+        if self.decode_graphs is None:
+            log.info("decode steps run eagerly on every rank (no CUDA graphs on %s)", self.device.type)
+            return
+        self.decode_graphs = BroadcastGraphs(self.decode_graphs, self.dist)
+
+    def _graph_step(self, plan):
+        if self.decode_graphs is None:
+            return None
+        # a decode-only step has one row per request: its sampled rows are those of the requests that sample
+        self.decode_graphs.sample_rows = [i for i, item in enumerate(plan.scheduled) if item.samples]
+        try:
+            return super()._graph_step(plan)
+        except Exception as e:
+            if self.on_failure is not None:
+                self.on_failure(f"graph step failed on rank 0, the ranks are out of step ({str(e).splitlines()[0]})")
+            raise
 
 
 def build_rank(
@@ -159,6 +179,11 @@ def worker_loop(d: Dist, device: str, expect: ParallelConfig | None = None) -> i
             engine_cfg = replace(EngineConfig(**message["engine"]), device=device)
             parallel = ParallelConfig(**message["parallel"])
             runner = build_rank(message["model"], engine_cfg, parallel, d, message["keep_fp8"], expect)
+        elif op == "graphs" and runner is not None:
+            prepare_rank_graphs(runner, message["max_model_len"], message["max_batch"], message["capture"])
+        elif op == "graph_step" and runner is not None and runner.decode_graphs is not None:
+            run_graph_step(d, runner, message)
+            steps += 1
         elif op == "step" and runner is not None:
             step = recv_step(d, message, runner.config.text.hidden_size, runner.dtype)
             runner.forward_step(step.ids, step.positions, step.meta, step.sample_rows, step.images)

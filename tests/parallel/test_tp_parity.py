@@ -53,8 +53,10 @@ def checkpoints(tmp_path_factory):
     return made | {("mistral", "nvfp4"): make_tiny(root / "nvfp4", layout="mistral", quant="nvfp4")}
 
 
-def greedy(runner: ModelRunner, tokenizer: Tokenizer) -> list[list[int]]:
+def greedy(runner: ModelRunner, tokenizer: Tokenizer, static_graphs: bool = False) -> list[list[int]]:
     engine = Engine.from_runner(runner, tokenizer)
+    if static_graphs:  # the decode-graph protocol without capture (gloo): every rank replays the static buffers
+        runner.prepare_decode_graphs(engine.max_model_len, 4, capture=False)
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(str(i), tokenizer.encode(prompt, bos=True), SamplingParams(temperature=0, max_tokens=8))
     out: dict[str, list[int]] = {str(i): [] for i in range(len(PROMPTS))}
@@ -90,3 +92,16 @@ def test_parallel_matches_one_process(session, checkpoints, layout, fp8, keep):
             threshold = split.all_to_all_min_tokens
             assert calls["all_to_all"] > 0 if threshold else calls["all_to_all"] == 0, (name, calls)
             assert calls["gather"] > 0 if threshold != 1 else calls["gather"] == 0, (name, calls)
+
+
+@pytest.mark.parametrize("split", ["tp2", "tp2+ep"])
+def test_decode_graph_steps_match_one_process(session, checkpoints, split):
+    """Decode steps through the graph path ("graph_step": every rank replays its own static buffers, padded to
+    the ladder, the collectives inside) give the one-process greedy tokens."""
+    model_dir = checkpoints[("hf", False)]
+    tokenizer = Tokenizer.from_file(model_dir)
+    single = ModelRunner.from_model(load_model(model_dir, torch.float32, progress=False), ENGINE)
+    want = greedy(single, tokenizer)
+    runner = session.load(model_dir, ENGINE, SPLITS[split])
+    assert greedy(runner, tokenizer, static_graphs=True) == want
+    assert runner.decode_graphs.steps >= 7  # every decode step after the prefill went through the graphs
