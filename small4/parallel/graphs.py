@@ -29,6 +29,8 @@ def prepare_rank_graphs(runner: ModelRunner, max_model_len: int, max_batch: int,
     kernels, not ``enforce_eager``), or with ``capture=False`` the static buffers alone, replayed eagerly."""
     runner.decode_graphs = None
     if capture:
+        if runner.device.type == "cuda":  # no collective of an earlier step still in flight when capture starts
+            torch.cuda.synchronize(runner.device)
         ModelRunner.prepare_decode_graphs(runner, max_model_len, max_batch)
         return
     max_blocks = -(-max_model_len // runner.block_size)

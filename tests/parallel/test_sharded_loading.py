@@ -44,9 +44,9 @@ def _is_split(name: str, scalar: bool) -> bool:
     return bool(SPLIT.search(name)) and (per_expert or not scalar)
 
 
-@pytest.mark.parametrize("layout,fp8", [("hf", False), ("hf", True), ("mistral", True)])
-def test_each_rank_reads_only_its_share(tmp_path, layout, fp8):
-    model_dir = make_tiny(tmp_path / "tiny", layout=layout, fp8=fp8)
+@pytest.mark.parametrize("layout,quant", [("hf", "none"), ("hf", "fp8"), ("mistral", "fp8"), ("mistral", "nvfp4")])
+def test_each_rank_reads_only_its_share(tmp_path, layout, quant):
+    model_dir = make_tiny(tmp_path / "tiny", layout=layout, quant=quant)
     config = ModelConfig.from_dir(model_dir)
     sizes = _tensor_bytes(model_dir)
     split = sum(b for n, b in sizes.items() if _is_split(n, scalar=b <= 4))
@@ -55,7 +55,7 @@ def test_each_rank_reads_only_its_share(tmp_path, layout, fp8):
     for rank in range(2):
         plan = ShardPlan(config.text, ParallelConfig(2, 2), rank)
         model, loader = load_sharded_model(model_dir, plan, dtype=torch.float32)
-        print(f"{layout} fp8={fp8} rank {rank}: read {loader.bytes_read} of {sum(sizes.values())} bytes")
+        print(f"{layout} {quant} rank {rank}: read {loader.bytes_read} of {sum(sizes.values())} bytes")
         assert loader.bytes_read == whole + split // 2
         # and the slices are the right ones: rank r's routed experts are experts [4r, 4r + 4) of the full model
         E = config.text.num_experts // 2
