@@ -698,7 +698,8 @@ def build_bench(args: argparse.Namespace, d: Dist | None = None) -> Bench:
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:
     tp = args.tensor_parallel_size
-    return ParallelConfig(tp, tp if args.enable_expert_parallel else 1)
+    a2a = getattr(args, "ep_all_to_all_min_tokens", None)
+    return ParallelConfig(tp, tp if args.enable_expert_parallel else 1, all_to_all_min_tokens=a2a)
 
 
 def _overall_peak(build: int | None, decode: list[dict], prefill: dict, last: int | None) -> int | None:
@@ -770,6 +771,7 @@ def run_full_bench(
         "weights_bytes": weights_bytes,  # this rank's, when split
         "tensor_parallel_size": args.tensor_parallel_size,
         "expert_parallel_size": parallel_config(args).expert_parallel_size,
+        "ep_all_to_all_min_tokens": parallel_config(args).all_to_all_min_tokens,
         "world_size": 1 if d is None else d.world_size,
     }
     results = {
@@ -890,6 +892,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, help="ranks (one process each)")
     p.add_argument("--enable-expert-parallel", action="store_true", help="partition the experts over the ranks")
+    p.add_argument(
+        "--ep-all-to-all-min-tokens",
+        type=positive_int,
+        help="expert dispatch: batches of at least this many tokens go all-to-all (default: always the gather)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="result JSON path (default: bench/results/full-<UTC time>.json)")
     p.set_defaults(func=main)
