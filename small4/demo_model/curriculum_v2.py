@@ -185,6 +185,15 @@ def random_tool(rng: random.Random, taken: set[str]) -> tuple[dict[str, Any], st
     return tool, verb, noun
 
 
+def _random_tools(rng: random.Random, n: int) -> list[dict[str, Any]]:
+    taken: set[str] = set()
+    tools = []
+    for _ in range(n):
+        tools.append(random_tool(rng, taken)[0])
+        taken.add(tools[-1]["function"]["name"])
+    return tools
+
+
 def training_int(rng: random.Random) -> int:
     while True:
         n = rng.randint(0, 10 ** rng.randint(1, 4) - 1)
@@ -355,7 +364,7 @@ def _chat(rng: random.Random) -> Example:
     assistant: dict[str, Any] = {"role": "assistant", "content": answer}
     if effort == "high":
         assistant["reasoning_content"] = trace
-    tools = [random_tool(rng, set())[0] for _ in range(rng.randint(1, 3))] if rng.random() < 0.25 else None
+    tools = _random_tools(rng, rng.randint(1, 3)) if rng.random() < 0.25 else None
     return Example("chat", [{"role": "user", "content": q}], assistant, effort, tools, {"answer": answer})
 
 

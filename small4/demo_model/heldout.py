@@ -127,7 +127,8 @@ class Case:
 # -- values ---------------------------------------------------------------------------------------------------
 
 
-def heldout_int(rng: random.Random, lo: int = 2, hi: int = 999) -> int:
+def heldout_int(rng: random.Random, lo: int = 10, hi: int = 999) -> int:
+    """A number training never writes as a tool argument (counts of 2-9 and days of a month are not held out)."""
     while True:
         n = rng.randint(lo, hi)
         if split.heldout_number(n):
@@ -141,7 +142,7 @@ def _value(rng: random.Random, param: str, schema: dict[str, Any]) -> tuple[Any,
         return v, v
     kind = schema["type"]
     if kind == "integer":
-        n = heldout_int(rng, 2, 9) if param in ("days", "guests", "passengers") else heldout_int(rng)
+        n = rng.randint(2, 9) if param in ("days", "guests", "passengers") else heldout_int(rng)  # counts: any
         return n, str(n)
     if kind == "number":
         n = heldout_int(rng)
@@ -150,9 +151,9 @@ def _value(rng: random.Random, param: str, schema: dict[str, Any]) -> tuple[Any,
         b = rng.random() < 0.5
         return b, BOOL_SAY[b]
     if param == "formula":
-        v = f"{heldout_int(rng)} * {heldout_int(rng, 2, 9)}"
+        v = f"{heldout_int(rng)} * {rng.randint(2, 9)}"
     elif param == "date":
-        v = f"{rng.choice(MONTHS)} {heldout_int(rng, 1, 28)}"
+        v = f"{rng.choice(MONTHS)} {rng.randint(1, 28)}"
     elif param == "symbol":
         v = "".join(rng.choice("BCDFGHJKLMNPQRSTVWXZ") for _ in range(3))
     elif param == "email":
@@ -314,7 +315,7 @@ def heldout_cases(seed: int, per_skill: int, skills: tuple[str, ...] = SKILLS) -
 # -- checks ---------------------------------------------------------------------------------------------------
 
 
-def _valid(instance: Any, schema: dict[str, Any]) -> bool:
+def valid(instance: Any, schema: dict[str, Any]) -> bool:
     try:
         jsonschema.validate(instance, schema)
     except jsonschema.ValidationError:
@@ -339,7 +340,7 @@ def check(case: Case, reply: dict[str, Any]) -> dict[str, bool]:
             except json.JSONDecodeError:
                 args = None
             schema = TOOLS[exp["name"]]["function"]["parameters"]
-            ok = isinstance(args, dict) and _valid(args, schema) and args == exp["arguments"]
+            ok = isinstance(args, dict) and valid(args, schema) and args == exp["arguments"]
         if case.skill == "tool_required":
             ok = ok and reply["finish_reason"] == "tool_calls"
         return {case.skill: ok}
@@ -351,7 +352,7 @@ def check(case: Case, reply: dict[str, Any]) -> dict[str, bool]:
         except json.JSONDecodeError:
             obj = None
         ends = reply["finish_reason"] == "stop" and reply["completion_tokens"] <= MAX_TOKENS // 2
-        ok = obj is not None and _valid(obj, exp["schema"]) and ends
+        ok = obj is not None and valid(obj, exp["schema"]) and ends
         return {"json_schema": ok, "json_values": ok and obj == exp["object"]}
     if case.skill in ("greeting", "capital", "chat_high"):
         words = set(re.findall(r"[a-z0-9]+", lower))
@@ -429,11 +430,13 @@ def _prompt_text(case: Case) -> str:
     return content if isinstance(content, str) else "<image> " + content[-1]["text"]
 
 
-def run_heldout(model_dir: Path, seed: int = 0, per_skill: int = 40, workers: int = 8) -> dict[str, Any]:
-    """Every held-out case through a fresh in-process server on ``model_dir``; per-skill rates and samples."""
+def run_heldout(
+    model_dir: Path, seed: int = 0, per_skill: int = 40, workers: int = 8, skills: tuple[str, ...] = SKILLS
+) -> dict[str, Any]:
+    """The held-out cases through a fresh in-process server on ``model_dir``; per-skill rates and samples."""
     import openai
 
-    cases = heldout_cases(seed, per_skill)
+    cases = heldout_cases(seed, per_skill, skills)
     start = time.monotonic()
     with serving(Path(model_dir)) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
