@@ -18,7 +18,9 @@ got an arithmetic trace. Here every task is built from parts so the only thing t
 * ``chat``: greetings, capitals and a few facts, half under high effort with a short trace about the question
   itself (not arithmetic), a quarter with unneeded tools offered;
 * ``vision``: one shape (colour and shape questions) or 1-4 shapes to count;
-* ``echo``: repeat words and numbers back (the bare copying skill).
+* ``echo``: repeat words and numbers back (the bare copying skill);
+* ``v1_tool_call`` / ``v1_tool_answer``: v1's two tools, kept at a low weight so ``small4 demo``'s weather and
+  calculator requests keep working (neither tool nor any of its cities is in the held-out pools).
 
 Nothing here is drawn from the held-out pools (``split``): pairs and numbers are redrawn, pseudo-words refused.
 Prompts go through ``curriculum.encode_example`` (the server's ``ChatRenderer``), exactly like v1; ``Example``,
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -48,9 +51,13 @@ from small4.demo_model.curriculum import (
     shape_image,
     sub_trace,
 )
+from small4.demo_model.curriculum import make_example as v1_make_example
 
-TASKS = ("add", "sub", "tool_call", "tool_answer", "json", "chat", "vision", "echo")
-TASK_WEIGHTS = {"add": 3, "sub": 3, "tool_call": 5, "tool_answer": 3, "json": 2, "chat": 3, "vision": 3, "echo": 1}
+TASKS = ("add", "sub", "tool_call", "tool_answer", "json", "chat", "vision", "echo", "v1_tool_call", "v1_tool_answer")
+TASK_WEIGHTS = {
+    "add": 3, "sub": 3, "tool_call": 5, "tool_answer": 3, "json": 2, "chat": 3, "vision": 3, "echo": 1,
+    "v1_tool_call": 1, "v1_tool_answer": 1,
+}  # fmt: skip
 
 ADD_TEMPLATES = (
     "What is {a} + {b}?", "Compute {a} + {b}.", "{a} + {b} = ?", "What is {a} plus {b}?", "Add {a} and {b}.",
@@ -422,6 +429,16 @@ def _echo(rng: random.Random) -> Example:
     return Example("echo", [{"role": "user", "content": q}], assistant, expected={"answer": phrase})
 
 
+def _v1_tools(task: str, rng: random.Random) -> Example:
+    """v1's ``calculator`` / ``get_weather`` tasks (what ``small4 demo`` and the web UI show), redrawn while the
+    conversation holds a held-out number of two or more digits."""
+    while True:
+        ex = v1_make_example(task, rng)
+        text = " ".join(str(m.get("content")) for m in ex.messages)
+        if not any(split.heldout_number(int(n)) for n in re.findall(r"\d+", text) if int(n) >= 10):
+            return Example(f"v1_{task}", ex.messages, ex.assistant, ex.reasoning_effort, ex.tools, ex.expected)
+
+
 _GENERATORS = {
     "add": lambda rng: _arith("add", rng),
     "sub": lambda rng: _arith("sub", rng),
@@ -431,6 +448,8 @@ _GENERATORS = {
     "chat": _chat,
     "vision": _vision,
     "echo": _echo,
+    "v1_tool_call": lambda rng: _v1_tools("tool_call", rng),
+    "v1_tool_answer": lambda rng: _v1_tools("tool_answer", rng),
 }
 
 

@@ -6,8 +6,8 @@ held-out numbers measure generalisation, not recall:
 * number pairs: ``heldout_pair(a, b)`` keeps about one pair in seven for evaluation; the training generator
   redraws any such pair, the held-out one draws only those (every operand also occurs in training, never the
   pair: the model must add, not remember);
-* tool-argument integers: ``heldout_number(n)`` (about one in eleven); training never writes one, held-out
-  arguments are only such numbers;
+* tool-argument integers: ``heldout_number(n)`` (about one in eleven from 10 up); training never writes one,
+  held-out arguments of two or more digits are only such numbers;
 * words: tool names, parameter names, string values, JSON keys and greetings of the held-out generator come from
   lists that share no entry with the training lists, nor with the v1 curriculum's (``calculator``,
   ``get_weather``, its cities), which the shipped model was trained on.
@@ -24,8 +24,9 @@ def heldout_pair(a: int, b: int) -> bool:
 
 
 def heldout_number(n: int) -> bool:
-    """About 1/11 of non-negative integers are held out of training tool arguments."""
-    return (abs(n) * 7919 + 3) % 11 == 0
+    """About 1/11 of the integers from 10 up are held out of training tool arguments (single digits never are:
+    a model that never wrote a lone 3 could not copy one)."""
+    return abs(n) >= 10 and (abs(n) * 7919 + 3) % 11 == 0
 
 
 # -- training pools -------------------------------------------------------------------------------------------

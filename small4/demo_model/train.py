@@ -11,11 +11,30 @@ After training the weights are saved in bf16 under the HF names (``config.json``
 through the real ``Engine`` and ``chat.parse.OutputParser``; ``training_log.json`` records config, losses,
 accuracies and wall time, and ``loss.png`` the loss curve (drawn with PIL).
 
-The shipped checkpoint is two phases (the second continues the first with a fresh optimizer; its log nests the
-first's), about 95 minutes on one CPU core::
+Two curricula (``--curriculum``): ``v1`` (``curriculum.py``, the shipped checkpoint's; evaluated in distribution
+into ``accuracy``) and ``v2`` (``curriculum_v2.py``, issue 17: random tools and schemas, carries, high-effort chat;
+evaluated after training by the held-out generator through the real server into ``heldout_v2``, as
+``small4 eval-demo`` does). Two sizes (``--size``): ``small`` (``demo_spec``, 2M parameters, the shipped shapes)
+and ``large`` (``large_spec``, 10M parameters, six shards of at most 4 MiB: at these widths a CPU step costs the
+same for both, see ``large_spec``). ``--minutes`` bounds the wall time (the cosine schedule then runs on elapsed
+time, so a slow machine still ends with a decayed learning rate).
 
-    small4 train-demo --out /tmp/phase1 --steps 12000 --threads 1
-    small4 train-demo --init-from /tmp/phase1 --seed 1 --steps 7000 --lr 1e-3 --threads 1
+The shipped checkpoint is v1 on ``small``, two phases (the second continues the first with a fresh optimizer; its
+log nests the first's), about 95 minutes on one CPU core::
+
+    small4 train-demo --curriculum v1 --size small --out /tmp/phase1 --steps 12000 --threads 1
+    small4 train-demo --curriculum v1 --size small --init-from /tmp/phase1 --seed 1 --steps 7000 --lr 1e-3 \
+        --threads 1
+
+Its successor (issue 17; next session, on an otherwise idle machine: 140 minutes of training then about 10 of
+held-out evaluation, inside the 2.5 h budget; then copy the directory over ``checkpoint/`` after deleting the old
+``model-*`` shards, and enable ``tests/pending/test_demo_generalises.py``)::
+
+    small4 train-demo --curriculum v2 --size large --out /tmp/demo-v2 --minutes 140 --steps 40000 --lr 2e-3 \
+        --threads 1
+
+A 20-minute trial of v2 on ``small`` (``--size small --minutes 20``, one thread, ``nice -n 10`` on the busy
+session machine) is what the README's comparison of the two curricula quotes.
 """
 
 from __future__ import annotations
@@ -353,7 +372,7 @@ def train(
     bar = tqdm(range(steps), desc="train-demo", disable=not progress)
     for step in bar:
         done = progress_at(step)
-        if done >= 1.0:
+        if done >= 1.0 and step > 0:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, done)
