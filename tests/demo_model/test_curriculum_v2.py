@@ -281,3 +281,20 @@ def test_sized_shards_stay_under_the_limit_and_load(tmp_path: Path) -> None:
     loaded = load_model(tmp_path, dtype=torch.float32, progress=False)
     for name, p in model.named_parameters():
         torch.testing.assert_close(dict(loaded.named_parameters())[name], p.detach().bfloat16().float())
+
+
+def test_train_demo_v2_runs_to_its_held_out_log(tmp_path: Path) -> None:
+    """``small4 train-demo`` (v2 by default) end to end on the micro shapes: train until ``--minutes`` is spent
+    (after the first step), save, held-out eval through the server, log."""
+    from small4.cli import build_parser
+    from small4.demo_model.train import check_sizes
+
+    out = tmp_path / "v2"
+    argv = ["train-demo", "--out", str(out), "--size", "micro", "--steps", "50", "--minutes", "0.0001"]
+    args = build_parser("train-demo").parse_args([*argv, "--token-budget", "600", "--heldout-per-skill", "1"])
+    assert args.curriculum == "v2" and args.func(args) == 0
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["steps"] == 1 and log["curriculum"] == "v2" and log["minutes_budget"] == 0.0001
+    assert log["accuracy"] is None and log["spec"]["hidden_size"] == micro_spec().hidden_size
+    assert set(heldout.SKILLS) <= set(log["heldout_v2"]["rates"]) and log["heldout_v2"]["n"]["tool_named"] == 1
+    assert check_sizes(out) > 0
