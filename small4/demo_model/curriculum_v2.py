@@ -84,12 +84,16 @@ GREETING_TRACES = ("The user greets me, so I greet back.", "A greeting: answer p
 TOOL_TEMPLATES = (
     "Use {name} with {kvs}.", "Call {name}: {kvs}.", "Run {name} for {kvs}.", "{name} with {kvs}, please.",
     "I want to use {name}. {kvs}.", "Use the {name} tool: {kvs}.", "Call {name} with {kvs}.",
+    "Can you call {name}? {kvs}.", "Please use {name}, {kvs}.", "{name}: {kvs}", "Run the {name} function with {kvs}.",
 )  # fmt: skip
 NATURAL_TOOL_TEMPLATES = ("{Verb} the {noun} with {kvs}.", "Please {verb} the {noun}: {kvs}.", "{Verb} {noun}, {kvs}.")
-KV_FORMS = ("{p} {v}", "{p}={v}", "{p}: {v}", "{p} is {v}", "the {p} {v}")
+KV_FORMS = (
+    "{p} {v}", "{p}={v}", "{p}: {v}", "{p} is {v}", "the {p} {v}", "{p} should be {v}", "{p} equal to {v}",
+    "with {p} {v}", "{p} -> {v}", "{p} being {v}",
+)  # fmt: skip
 JSON_TEMPLATES = (
     "Reply in JSON with {kvs}.", "Give me a JSON object: {kvs}.", "Return JSON where {kvs}.", "As JSON: {kvs}.",
-    "JSON please, {kvs}.",
+    "JSON please, {kvs}.", "Output a JSON object with {kvs}.", "Write {kvs} as JSON.",
 )  # fmt: skip
 RESULT_KEYS = ("result", "status", "total", "value", "message", "count", "temperature", "answer")
 BOOL_WORDS = {"yes": True, "no": False, "true": True, "false": False, "on": True, "off": False}
