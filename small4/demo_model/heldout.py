@@ -10,7 +10,8 @@ loopback, the openai client), checked on what the client gets back:
   pairs, other phrasings; the last number of the answer must be the result;
 * ``tool_named``: 1-4 unseen tools (``search_flights``, ``convert_currency``, ...), the user names one and its
   arguments in other key/value spellings; one call, the exact name, arguments valid for the schema
-  (``jsonschema``) and equal to the values in the prompt;
+  (``jsonschema``) and equal to the values in the prompt (``tool_named_name``: the name alone, likewise for the
+  two below);
 * ``tool_natural``: the same, asked in plain words without the parameter names (harder; not in the thresholds);
 * ``tool_required``: ``tool_choice="required"`` with one unseen tool: a valid call that ends (not a runaway number);
 * ``tool_answer``: a round trip with an unseen tool and result; the answer must contain every value of the result;
@@ -333,7 +334,7 @@ def check(case: Case, reply: dict[str, Any]) -> dict[str, bool]:
         return {case.skill: bool(numbers) and int(numbers[-1]) == exp["value"]}
     if case.skill.startswith("tool_") and case.skill != "tool_answer":
         calls = reply["tool_calls"]
-        ok = len(calls) == 1 and calls[0][0] == exp["name"]
+        ok = named = len(calls) == 1 and calls[0][0] == exp["name"]
         if ok:
             try:
                 args = json.loads(calls[0][1])
@@ -343,7 +344,7 @@ def check(case: Case, reply: dict[str, Any]) -> dict[str, bool]:
             ok = isinstance(args, dict) and valid(args, schema) and args == exp["arguments"]
         if case.skill == "tool_required":
             ok = ok and reply["finish_reason"] == "tool_calls"
-        return {case.skill: ok}
+        return {case.skill: ok, f"{case.skill}_name": named}  # the name alone: progress short of the skill
     if case.skill == "tool_answer":
         return {"tool_answer": bool(content) and all(u in content for u in exp["uses"])}
     if case.skill == "json_schema":
@@ -477,7 +478,7 @@ def main(args: argparse.Namespace) -> int:
     model_dir = Path(args.model or embedded_model_dir())
     result = run_heldout(model_dir, seed=args.seed, per_skill=args.per_skill)
     for skill, rate in result["rates"].items():
-        print(f"  {skill:16s} {rate:.3f}  (n={result['n'][skill]})")
+        print(f"  {skill:20s} {rate:.3f}  (n={result['n'][skill]})")
     if not args.no_write:
         print(f"wrote heldout_v2 into {record(model_dir, result)}")
     return 0

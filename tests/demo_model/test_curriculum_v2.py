@@ -192,7 +192,7 @@ def test_eval_runs_end_to_end_through_the_server(tmp_path: Path) -> None:
     shutil.copytree(SHIPPED_DEMO_DIR, model)
     skills = ("greeting", "capital", "tool_named", "json_schema", "vision_colour")
     result = heldout.run_heldout(model, seed=1, per_skill=1, skills=skills)
-    assert set(result["rates"]) == {*skills, "json_values"}
+    assert set(result["rates"]) == {*skills, "json_values", "tool_named_name"}
     assert all(0.0 <= r <= 1.0 for r in result["rates"].values())
     assert result["n"]["greeting"] == 1 and result["samples"][0]["reply"]["finish_reason"] in ("stop", "length")
     heldout.record(model, result)
