@@ -89,6 +89,7 @@ def _training_features(module, n: int, seed: int) -> tuple[dict[str, set], set]:
         args += [json.loads(m["content"]) for m in ex.messages if m["role"] == "tool" and m["content"][:1] == "{"]
         if ex.task == "json":
             args.append(ex.expected["object"])
+            feats.setdefault("params", set()).update(ex.expected["schema"]["properties"])
         _merge(feats, _features(ex.messages, ex.tools, args))
         if "pair" in ex.expected:
             pairs.add(ex.expected["pair"])
@@ -103,6 +104,8 @@ def _heldout_features(cases: list[heldout.Case]) -> tuple[dict[str, set], set]:
         args = [json.loads(k["function"]["arguments"]) for m in msgs for k in m.get("tool_calls") or []]
         args += [json.loads(m["content"]) for m in msgs if m["role"] == "tool"]
         args += [c.expected[k] for k in ("arguments", "object") if k in c.expected]
+        if "schema" in c.expected:  # JSON keys count as parameter names
+            feats.setdefault("params", set()).update(c.expected["schema"]["properties"])
         _merge(feats, _features(msgs, c.request.get("tools"), args))
         if "pair" in c.expected:
             pairs.add(c.expected["pair"])
