@@ -624,7 +624,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-demo", help="train the tiny demo model on the chat curriculum (CPU; 2000 steps ~12 min)")
+    p = sub.add_parser("train-demo", help="train the demo model on the chat curriculum (CPU; v2, large shapes)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output checkpoint directory")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
