@@ -1,4 +1,4 @@
-"""small4 command line: make-tiny | generate | serve | plan | bench | demo | train-demo.
+"""small4 command line: make-tiny | generate | serve | plan | bench | demo | train-demo | eval-demo.
 
 Each command imports what it needs when it is registered, and ``main`` registers in full only the command it runs
 (the others by name): ``small4 bench ...`` then needs only torch and triton, never the server and chat libraries
@@ -107,6 +107,12 @@ def _add_train_demo(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _add_eval_demo(sub: argparse._SubParsersAction) -> None:
+    from small4.demo_model.heldout import add_parser
+
+    add_parser(sub)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
     "make-tiny": ("write a tiny random checkpoint in the exact real layout", _add_make_tiny),
     "generate": ("offline generation through the engine", _add_generate),
@@ -115,6 +121,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = 
     "bench": ("benchmarks that write JSON results", _add_bench),
     "demo": ("serve the embedded tiny model and talk to it with the openai client", _add_demo),
     "train-demo": ("train the tiny demo model on the chat curriculum", _add_train_demo),
+    "eval-demo": ("held-out evaluation of a demo checkpoint through the real server", _add_eval_demo),
 }
 
 
