@@ -53,13 +53,13 @@ from small4.engine.request import Request
 from small4.engine.sampling_params import SamplingParams
 from small4.engine.scheduler import ScheduledRequest, SchedulerOutput
 from small4.kernels.backend import kernel_backend
+from small4.kernels.fp8 import dequantize_fp8
 from small4.model.context import AttentionMetadata
 from small4.parallel.config import ParallelConfig
 from small4.parallel.plan import ShardPlan
 from small4.parallel.spmd import agree_any, finish, start_ranks
 from small4.parallel.state import Dist
 from small4.parallel.tp import parallelize
-from small4.weights.quant import dequantize_fp8
 from small4.weights.tiny import TinySpec, hf_config
 
 # Datasheet HBM bandwidth, bytes/s, matched against the device name in order (most specific first).

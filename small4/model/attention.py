@@ -153,7 +153,8 @@ class MLAttention(nn.Module):
                 max_seq_len=meta.max_seq_len,
             )
         else:
-            o_latent = mla_attention_absorbed(q_latent, q_rope, latents, kv_cache, meta, self.cfg.softmax_scale)
+            plan = (meta.block_tables, meta.query_start_loc, meta.seq_lens, self.cfg.softmax_scale)
+            o_latent = mla_attention_absorbed(q_latent, q_rope, latents, kv_cache, *plan)
         return torch.einsum("thc,hvc->thv", o_latent, w_uv)  # [T, H, v]
 
     def _attend_expanded(self, q_nope, q_rope, latents, meta: AttentionMetadata, kv_cache) -> torch.Tensor:

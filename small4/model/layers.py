@@ -13,8 +13,9 @@ from torch import nn
 
 from small4.config import RopeConfig
 from small4.kernels.backend import kernel_backend
+from small4.kernels.fp8 import dequantize_fp8
 from small4.kernels.fp8_linear import fp8_linear, row_scale, supports
-from small4.weights.quant import dequantize_fp8
+from small4.kernels.norm_rope import apply_rotary, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -27,14 +28,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The math of ``RMSNorm``, for twins of fused kernels that take the weight as an argument."""
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
 
 
 def fp8_fast_path(device: torch.device) -> bool:
@@ -128,20 +121,6 @@ class RotaryEmbedding(nn.Module):
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return apply_rotary(x, cos, sin, self.interleave)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotates ``x`` [T, ..., dim]. Interleaved pairs (x0,x1),(x2,x3)… come out de-interleaved (all first members,
-    then all second members), as the reference lays them out; q and k share the layout, so their dot product is
-    the same."""
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def llama4_query_scale(positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:

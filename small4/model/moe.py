@@ -12,10 +12,10 @@ from torch import nn
 
 from small4.config import TextConfig
 from small4.kernels.backend import kernel_backend
+from small4.kernels.fp8 import dequantize_fp8
 from small4.kernels.moe_reference import fused_moe_reference
 from small4.kernels.nvfp4 import FP4_BLOCK, dequantize_nvfp4
 from small4.model.layers import SwiGLU
-from small4.weights.quant import dequantize_fp8
 
 
 def route(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from small4.config import AttentionScaleMode, ModelConfig
+from small4.config import AttentionScaleMode, ModelConfig, load_model_config
 from small4.model.mistral4 import Mistral4Model
 from small4.parallel.plan import Cut, ShardPlan, scale_cut
 from small4.parallel.tp import parallelize
@@ -119,7 +119,7 @@ def load_sharded_model(
     """One rank's shard of the model: built on meta, parallelized, allocated once, filled with its slices.
     ``vision=False`` leaves the vision tower out (workers: rank 0 encodes images and broadcasts the embeddings)."""
     model_dir = Path(model_dir)
-    config = ModelConfig.from_dir(model_dir, attention_scale_mscale)
+    config = load_model_config(model_dir, attention_scale_mscale)
     if config.quant.method == "nvfp4":  # packed 4-bit rows and 16-value scale blocks are not cut by the plan yet
         raise ValueError("NVFP4 checkpoints are not supported with tensor or expert parallelism yet")
     if not vision:

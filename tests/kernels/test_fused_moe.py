@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from small4.kernels.fp8 import FP8_MAX, dequantize_fp8
 from small4.kernels.fused_moe import choose_config, fused_moe, moe_align
 from small4.kernels.moe_reference import fused_moe_reference
 from small4.model.moe import RoutedExperts
-from small4.weights.quant import FP8_MAX, dequantize_fp8
 
 # Small tiles so a few tokens already span several blocks, several column tiles and several K steps.
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}

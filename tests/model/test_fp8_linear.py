@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import small4.model.layers as layers
+from small4.kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8_per_tensor
 from small4.kernels.fp8_linear import fp8_linear, fp8_linear_reference, quantize_activation, row_scale, supports
 from small4.model.context import AttentionMetadata
 from small4.model.layers import Linear, fp8_fast_path
 from small4.weights.loader import load_model
-from small4.weights.quant import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8_per_tensor
 from small4.weights.tiny import TinySpec, make_tiny
 
 FP32_TOL = 1e-5

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from small4.config import ModelConfig
+from small4.config import load_model_config
 from small4.parallel.config import ParallelConfig
 from small4.parallel.loading import load_sharded_model
 from small4.parallel.plan import ShardPlan
@@ -47,7 +47,7 @@ def _is_split(name: str, scalar: bool) -> bool:
 @pytest.mark.parametrize("layout,fp8", [("hf", False), ("hf", True), ("mistral", True)])
 def test_each_rank_reads_only_its_share(tmp_path, layout, fp8):
     model_dir = make_tiny(tmp_path / "tiny", layout=layout, fp8=fp8)
-    config = ModelConfig.from_dir(model_dir)
+    config = load_model_config(model_dir)
     sizes = _tensor_bytes(model_dir)
     split = sum(b for n, b in sizes.items() if _is_split(n, scalar=b <= 4))
     whole = sum(sizes.values()) - split
