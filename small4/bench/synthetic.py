@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from small4.config import ModelConfig, QuantConfig, TextConfig, parse_hf_config
+from small4.kernels.backend import kernel_backend
 from small4.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from small4.model.layers import Linear
 from small4.model.mistral4 import Mistral4Model
@@ -142,4 +143,5 @@ def build_random_model(
         else:
             _fill_dense(param, param.shape[-1], g)
     # RotaryEmbedding.inv_freq is a plain CPU tensor (not a buffer), so meta construction left it intact
+    model.set_backend(kernel_backend(device))
     return model.eval()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from small4.config import AttentionScaleMode, ModelConfig, load_model_config
+from small4.kernels.backend import kernel_backend
 from small4.model.mistral4 import Mistral4Model
 from small4.parallel.plan import Cut, ShardPlan, scale_cut
 from small4.parallel.tp import parallelize
@@ -130,4 +131,5 @@ def load_sharded_model(
     model = model.to_empty(device=device).to(dtype)
     loader = ShardedWeightLoader(model, config, plan, keep_fp8=keep_fp8)
     loader.load_dir(model_dir, progress=False)
+    model.set_backend(kernel_backend(torch.device(device)))
     return model.eval(), loader

@@ -390,4 +390,5 @@ def load_model(
         model = Mistral4Model(config)
     model = model.to_empty(device=device).to(dtype)
     WeightLoader(model, config, keep_fp8=keep_fp8, keep_nvfp4=keep_nvfp4).load_dir(model_dir, progress=progress)
+    model.set_backend(kernel_backend(torch.device(device)))
     return model.eval()

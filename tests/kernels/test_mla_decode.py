@@ -128,14 +128,20 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
     from small4.engine.engine import LLM
     from small4.engine.sampling_params import SamplingParams
     from small4.kernels import mla_decode as mla_decode_module
-    from small4.model import attention
+    from small4.kernels.registry import kernel_ops
+    from small4.model.attention import MLAttention
     from small4.weights.tiny import TinySpec, make_tiny
 
     make_tiny(tmp_path, layout="hf", seed=7, spec=TinySpec(num_layers=1, num_bpe_ranks=300))
     prompt, params = [[1, 1100, 1200, 1299], [1, 1050]], SamplingParams(temperature=0, max_tokens=6)
 
-    def generate():
+    def generate(attention_backend=None):
         llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20, device=str(device)))
+        if attention_backend is not None:  # the attention layers alone, after the runner chose for the model
+            ops = kernel_ops(attention_backend)
+            for module in llm.engine.runner.model.modules():
+                if isinstance(module, MLAttention):
+                    module.ops = ops
         return [list(r.outputs[0].token_ids) for r in llm.generate(prompt, params)]
 
     monkeypatch.setenv("SMALL4_KERNELS", "reference")
@@ -148,7 +154,6 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "kernel_backend", lambda device: "triton")
-    monkeypatch.setattr(mla_decode_module, "mla_decode", counted)
-    assert generate() == expected
+    monkeypatch.setattr(mla_decode_module, "mla_decode", counted)  # the registry reads it when the backend is chosen
+    assert generate("triton") == expected
     assert len(calls) >= 5  # the decode steps after the prefill went through the kernel
