@@ -289,7 +289,7 @@ def graph_checks() -> None:
     sync()
     RESULTS["build_seconds_2_layers"] = time.perf_counter() - t
     BS, per_seq, max_batch = (4, 4, 4) if SMALL else (16, 64, 8)  # contexts up to 16 / 1024 tokens
-    runner = ModelRunner.from_model(model, EngineConfig(device=str(DEV), block_size=BS), num_blocks=max_batch * per_seq)
+    runner = ModelRunner(model, EngineConfig(device=str(DEV), block_size=BS), num_blocks=max_batch * per_seq)
     g = torch.Generator(DEV).manual_seed(4)
     for cache in runner.kv_caches:  # every row a finite value: contexts below are read without being prefilled
         cache.copy_((torch.randn(cache.shape, device=DEV, generator=g) * 0.5).to(cache.dtype))

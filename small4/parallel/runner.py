@@ -133,7 +133,7 @@ def build_rank(
     )
     log.info("rank %d: read %d bytes of weights (skipped %d)", d.rank, loader.bytes_read, loader.bytes_skipped)
     cls = DriverRunner if d.is_driver else ModelRunner
-    runner = cls.from_model(model, replace(engine_cfg, device=str(d.device)))
+    runner = cls(model, replace(engine_cfg, device=str(d.device)))
     runner.bytes_read = loader.bytes_read
     agreed = torch.tensor([runner.num_blocks], dtype=torch.int64)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=d.cpu_group)

@@ -50,7 +50,7 @@ def parallel_async_engine(
         parallel.expert_parallel_size,
         runner.bytes_read,
     )
-    return AsyncEngine(Engine.from_runner(runner, Tokenizer.from_file(model_dir)))
+    return AsyncEngine(Engine(runner, Tokenizer.from_file(model_dir)))
 
 
 def end_serving_process(code: int = 0) -> NoReturn:

@@ -49,7 +49,7 @@ def checkpoints(tmp_path_factory):
 
 
 def greedy(runner: ModelRunner, tokenizer: Tokenizer) -> list[list[int]]:
-    engine = Engine.from_runner(runner, tokenizer)
+    engine = Engine(runner, tokenizer)
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(str(i), tokenizer.encode(prompt, bos=True), SamplingParams(temperature=0, max_tokens=8))
     out: dict[str, list[int]] = {str(i): [] for i in range(len(PROMPTS))}
@@ -72,7 +72,7 @@ def prefill_logits(runner: ModelRunner, tokenizer: Tokenizer) -> torch.Tensor:
 def test_parallel_matches_one_process(session, checkpoints, layout, fp8, keep):
     model_dir = checkpoints[(layout, fp8)]
     tokenizer = Tokenizer.from_file(model_dir)
-    single = ModelRunner.from_model(load_model(model_dir, torch.float32, keep_fp8=keep, progress=False), ENGINE)
+    single = ModelRunner(load_model(model_dir, torch.float32, keep_fp8=keep, progress=False), ENGINE)
     want_tokens, want_logits = greedy(single, tokenizer), prefill_logits(single, tokenizer)
     assert all(len(t) == 8 for t in want_tokens)
     for name, split in SPLITS.items():
