@@ -60,6 +60,8 @@ class _Sequence:
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer) -> None:
         """An engine around a built runner (its config is the runner's); ``from_model_dir`` loads a checkpoint."""
+        if isinstance(runner, (str, Path)):
+            raise TypeError("Engine(runner, tokenizer) takes a built runner; use Engine.from_model_dir for a directory")
         self.engine_cfg = runner.engine_cfg
         self.tokenizer = tokenizer
         self.runner = runner

@@ -74,6 +74,8 @@ class ModelRunner:
     def __init__(self, model: Mistral4Model, engine_cfg: EngineConfig, num_blocks: int | None = None) -> None:
         """A runner around a built model, on the model's device and in its dtype. ``num_blocks`` overrides the cache
         size that the memory budget would give (benchmarks); ``from_model_dir`` loads a checkpoint first."""
+        if isinstance(model, (str, Path)):
+            raise TypeError("ModelRunner(model, engine_cfg) takes a built model; use ModelRunner.from_model_dir")
         self.engine_cfg = engine_cfg
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
