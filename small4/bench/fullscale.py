@@ -26,16 +26,16 @@ a ModelRunner around it. What is measured, all into one JSON file (``small4.benc
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from small4.bench.harness import HEADROOM_BYTES, Bench
+from small4.bench.harness import Bench
+from small4.bench.latency import measure_decode, measure_prefill
+from small4.bench.reference import reference_skip_reason, run_reference, transformers_ratios
 from small4.bench.results import device_name, int_list, positive_int, write_result
+from small4.bench.roofline import hbm_bandwidth, module_bytes, roofline
 from small4.bench.serving import bench_tokenizer, measure_serving
 from small4.bench.synthetic import (
     FULL_SPEC,
@@ -46,416 +46,19 @@ from small4.bench.synthetic import (
 from small4.bench.timing import (
     free_bytes,
     gib,
-    is_oom,
     measure_copy_bandwidth,
-    median_ms,
     peak_bytes,
-    reset_peak,
-    time_device,
-    time_graph,
-    time_host,
 )
 from small4.config import EngineConfig, parse_bytes
 from small4.engine.model_runner import ModelRunner
-from small4.engine.request import Request
-from small4.engine.sampling_params import SamplingParams
-from small4.engine.scheduler import ScheduledRequest, SchedulerOutput
 from small4.kernels.backend import kernel_backend
-from small4.kernels.fp8 import dequantize_fp8
-from small4.model.context import AttentionMetadata
 from small4.parallel.config import ParallelConfig
 from small4.parallel.plan import ShardPlan
 from small4.parallel.spmd import finish, start_ranks
 from small4.parallel.state import Dist
 from small4.parallel.tp import parallelize
-from small4.weights.tiny import hf_config
 
-# Datasheet HBM bandwidth, bytes/s, matched against the device name in order (most specific first).
-HBM_BANDWIDTH: tuple[tuple[str, float], ...] = (
-    ("H200", 4.8e12),
-    ("H100 NVL", 3.9e12),
-    ("H100 PCIe", 2.0e12),
-    ("H100", 3.35e12),  # SXM
-)
-FILL_SCRATCH_BYTES = 4 << 30  # attention-score scratch allowed per context-filling chunk on a GPU
 CPU_CACHE_BUDGET = 1 << 30
-
-
-def hbm_bandwidth(name: str) -> float | None:
-    """Datasheet bandwidth of a known GPU (H100 SXM 3.35 TB/s, H200 4.8 TB/s), None when unknown."""
-    for key, bw in HBM_BANDWIDTH:
-        if key in name:
-            return bw
-    return None
-
-
-def _fill_chunk(bench: Bench, context: int, limit: int) -> int:
-    """Largest chunk (multiple of the block size, at most ``limit``) whose attention scratch stays in budget."""
-    if bench.device.type != "cuda":
-        return limit
-    t = bench.text
-    chunk = FILL_SCRATCH_BYTES // max(1, t.num_heads * context * 12)
-    chunk = max(bench.runner.block_size, chunk // bench.runner.block_size * bench.runner.block_size)
-    return min(limit, chunk)
-
-
-# ---- measurements -------------------------------------------------------------------------------------------
-def measure_prefill(bench: Bench, length: int, chunk: int, repeats: int) -> dict[str, Any]:
-    """One sequence of ``length`` random tokens, in chunks of ``chunk`` (halved until the estimate fits)."""
-    if length > bench.text.max_position_embeddings:
-        return {"status": "skipped", "reason": "prefill length over max_position_embeddings"}
-    num_blocks = bench.blocks_for(length)
-    cache = bench.cache_bytes(num_blocks)
-    chunk = min(chunk, length)
-    while chunk > bench.runner.block_size and bench.why_not_fit(cache, bench.chunk_activation_bytes(chunk, length)):
-        chunk //= 2
-    why = bench.why_not_fit(cache, bench.chunk_activation_bytes(chunk, length))
-    if why:
-        return {"status": "skipped", "reason": why, "prefill_len": length}
-    reset_peak(bench.device)
-    try:
-        bench.allocate_cache(num_blocks)
-        req = Request("prefill", bench.random_tokens(length, bench.seed + 7), SamplingParams())
-        req.block_ids = list(range(num_blocks))
-        run = lambda: bench.run_chunks(req, 0, length, chunk)  # noqa: E731
-        run()  # warm-up, excluded (compilation, autotuning, allocator growth)
-        seconds = [time_host(run, bench.device) for _ in range(repeats)]
-        head = median_ms(bench.head_time(1, repeats=max(repeats, 3), warmup=1))
-    except RuntimeError as e:
-        if not is_oom(e):
-            raise
-        return {"status": "skipped", "reason": f"out of memory: {str(e).splitlines()[0]}", "prefill_len": length}
-    finally:
-        bench.release_cache()
-    ms = median_ms(seconds)
-    # the head runs once per chunk on the sampled row only; per-layer scaling treats the rest as layer time
-    scaled = bench.scale(ms, head * -(-length // chunk))
-    return {
-        "status": "ok",
-        "prefill_len": length,
-        "chunk": chunk,
-        "ms_median": ms,
-        "ms_all": [s * 1e3 for s in seconds],
-        "tokens_per_s": length / (ms / 1e3),
-        "full_model_estimate": {**scaled, "tokens_per_s": length / (scaled["ms"] / 1e3)},
-        "peak_memory_bytes": peak_bytes(bench.device),
-        "cache_bytes": cache,
-        "timing": "host clock around ModelRunner.execute with the device synchronised; warm-up run excluded",
-    }
-
-
-def measure_decode(bench: Bench, batch: int, context: int, steps: int, warmup: int) -> dict[str, Any]:
-    base = {"batch_size": batch, "context": context}
-    total = context + warmup + steps + 1  # +1: the fixed position the forward-only timing rewrites
-    if total > bench.text.max_position_embeddings:
-        return {**base, "status": "skipped", "reason": "context + steps over max_position_embeddings"}
-    per_seq = bench.blocks_for(total)
-    cache = bench.cache_bytes(batch * per_seq)
-    fill_chunk = _fill_chunk(bench, context, limit=8192)
-    activations = max(bench.chunk_activation_bytes(fill_chunk, context), bench.chunk_activation_bytes(batch, 1))
-    activations += batch * bench.text.num_heads * context * 4  # padded-attention scratch of a decode step
-    why = bench.why_not_fit(cache, activations)
-    if why:
-        return {**base, "status": "skipped", "reason": why, "cache_bytes": cache}
-    reset_peak(bench.device)
-    try:
-        return {**base, **_decode(bench, batch, context, steps, warmup, per_seq, fill_chunk), "cache_bytes": cache}
-    except RuntimeError as e:
-        if not is_oom(e):
-            raise
-        return {**base, "status": "skipped", "reason": f"out of memory: {str(e).splitlines()[0]}", "cache_bytes": cache}
-    finally:
-        bench.release_cache()
-
-
-def _decode(bench: Bench, B: int, ctx: int, steps: int, warmup: int, per_seq: int, chunk: int) -> dict[str, Any]:
-    runner, device = bench.runner, bench.device
-    bench.allocate_cache(B * per_seq)
-    prompt = bench.random_tokens(ctx, bench.seed + ctx)  # one list shared by every request
-    reqs = []
-    for i in range(B):
-        req = Request(f"seq{i}", prompt, SamplingParams())
-        req.block_ids = list(range(i * per_seq, (i + 1) * per_seq))
-        reqs.append(req)
-    # fill: prefill the first sequence once per context (kept aside for the other batch sizes), then copy its
-    # context blocks to every sequence of the batch
-    ctx_blocks = bench.blocks_for(ctx)
-    fill_s, reused = None, bench.filled is not None and bench.filled[0] == ctx
-    with torch.inference_mode():
-        if reused:
-            for cache, saved in zip(runner.kv_caches, bench.filled[1], strict=True):
-                cache[:ctx_blocks] = saved
-        else:
-            bench.filled = None
-            fill_s = time_host(lambda: bench.run_chunks(reqs[0], 0, ctx, chunk), device)
-            bench.filled = (ctx, [cache[:ctx_blocks].clone() for cache in runner.kv_caches])
-        src = torch.arange(ctx_blocks, device=device)
-        for i in range(1, B):
-            for cache in runner.kv_caches:
-                cache[i * per_seq : i * per_seq + ctx_blocks] = cache[src]
-    first = bench.random_tokens(B, bench.seed + 1)
-    for req, tok in zip(reqs, first, strict=True):
-        req.output_token_ids.append(tok)
-    if bench.graphs:  # engine steps replay a captured decode graph, as serving does
-        runner.capture_decode_graphs(per_seq, max_batch=B, batch_sizes=[B])
-
-    def step(s: int) -> None:
-        plan = SchedulerOutput([ScheduledRequest(r, 1, ctx + s, samples=True) for r in reqs])
-        tokens = runner.execute(plan).logits.argmax(dim=-1).tolist()
-        for r, t in zip(reqs, tokens, strict=True):
-            r.output_token_ids.append(t)
-
-    step_s = []
-    for s in range(warmup + steps):
-        elapsed = time_host(lambda s=s: step(s), device)
-        if s >= warmup:
-            step_s.append(elapsed)
-    # forward only: prebuilt inputs at one fixed position (its slot is rewritten each time)
-    pos = ctx + warmup + steps
-    slots = torch.tensor([runner.slot(r, pos) for r in reqs], device=device)
-    tables = torch.tensor([r.block_ids for r in reqs], dtype=torch.int32, device=device)
-    ids = torch.tensor(bench.random_tokens(B, bench.seed + 2), device=device)
-    positions = torch.full((B,), pos, device=device)
-
-    @torch.inference_mode()
-    def forward() -> torch.Tensor:
-        # a fresh metadata object per forward, as every engine step makes one: its per-step work (the decode split,
-        # the rope rows) is timed, not cached from the previous repeat
-        meta = AttentionMetadata(list(range(B + 1)), [pos + 1] * B, slots, tables, runner.block_size)
-        return runner.model.compute_logits(runner.model(ids, positions, meta, runner.kv_caches))
-
-    fwd_s = time_device(forward, device, repeats=max(steps, 3), warmup=max(warmup, 1))
-    graph = None
-    if bench.graphs:
-        graph = time_graph(forward, device, repeats=max(steps, 3), warmup=max(warmup, 1))
-    head_ms = median_ms(bench.head_time(B, repeats=max(steps, 3), warmup=1))
-    step_ms, fwd_ms = median_ms(step_s), median_ms(fwd_s)
-    scaled = bench.scale(fwd_ms, head_ms)
-    host_ms = max(step_ms - fwd_ms, 0.0)  # the engine's per-step host work, beside the device time
-    full_step_ms = scaled["ms"] + host_ms
-    return {
-        "status": "ok",
-        "step_ms_median": step_ms,
-        "step_ms_all": [s * 1e3 for s in step_s],
-        "tokens_per_s": B / (step_ms / 1e3),
-        "forward_ms_median": fwd_ms,
-        "forward_ms_all": [s * 1e3 for s in fwd_s],
-        "forward_tokens_per_s": B / (fwd_ms / 1e3),
-        "full_model_estimate": {
-            **scaled,
-            "forward_tokens_per_s": B / (scaled["ms"] / 1e3),
-            "step_ms": full_step_ms,
-            "tokens_per_s": B / (full_step_ms / 1e3),
-        },
-        "forward_graph": _graph_entry(bench, graph, head_ms, B),
-        "steps_replay_graphs": runner.decode_graphs is not None,
-        "fill_seconds": fill_s,
-        "fill_reused": reused,
-        "fill_chunk": chunk,
-        "peak_memory_bytes": peak_bytes(device),
-    }
-
-
-def _graph_entry(bench: Bench, graph: dict[str, Any] | None, head_ms: float, B: int) -> dict[str, Any] | None:
-    if graph is None or graph["status"] != "ok":
-        return graph
-    scaled = bench.scale(graph["ms_median"], head_ms)
-    return {
-        **graph,
-        "tokens_per_s": B / (graph["ms_median"] / 1e3),
-        "full_model_estimate": {**scaled, "tokens_per_s": B / (scaled["ms"] / 1e3)},
-    }
-
-
-# ---- roofline -----------------------------------------------------------------------------------------------
-def _bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def decode_bytes(bench: Bench, context: int) -> dict[str, Any]:
-    """Bytes one batch-1 decode step must read: every weight it touches once, and the context's latent rows."""
-    layer = bench.model.layers[0]
-    mlp, t = layer.mlp, bench.text
-    experts = mlp.experts
-    per_expert = experts.w13[0].numel() * experts.w13.element_size() + experts.w2[0].numel() * experts.w2.element_size()
-    itemsize = torch.empty((), dtype=bench.runner.cache_dtype).element_size()
-    per_layer = {
-        "attention": _bytes(layer.self_attn) + _bytes(layer.input_layernorm) + _bytes(layer.post_attention_layernorm),
-        "router": _bytes(mlp.gate),
-        "shared_expert": _bytes(mlp.shared_experts) if mlp.shared_experts is not None else 0,
-        "routed_experts": t.num_experts_per_tok * per_expert,
-        "latent_cache": context * t.latent_dim * itemsize,
-    }
-    m = bench.model
-    outside = (
-        _bytes(m.lm_head) + _bytes(m.norm) + m.embed_tokens.weight[0].numel() * m.embed_tokens.weight.element_size()
-    )
-    layer_total = sum(per_layer.values())
-    return {
-        "per_layer": {**per_layer, "total": layer_total},
-        "lm_head_norm_embedding_row": outside,
-        "total": outside + bench.layers * layer_total,
-        "full_model_total": outside + bench.full_layers * layer_total,
-    }
-
-
-def roofline(bench: Bench, decode: list[dict[str, Any]], bandwidth: float | None, measured: float | None) -> list[dict]:
-    rows = []
-    for run in decode:
-        if run["batch_size"] != 1:
-            continue
-        b = decode_bytes(bench, run["context"])
-        row: dict[str, Any] = {
-            "context": run["context"],
-            "bytes_per_step": b,
-            "hbm_bandwidth_bytes_per_s": bandwidth if bandwidth is not None else "unknown",
-            "measured_copy_bandwidth_bytes_per_s": measured,
-        }
-        for name, bw in (("datasheet", bandwidth), ("measured_copy", measured)):
-            if bw is None:
-                row[name] = None
-                continue
-            floor = b["total"] / bw * 1e3
-            full_floor = b["full_model_total"] / bw * 1e3
-            entry: dict[str, Any] = {"floor_ms": floor, "full_model_floor_ms": full_floor}
-            if run["status"] == "ok":
-                est = run["full_model_estimate"]
-                entry |= {
-                    "forward_ms": run["forward_ms_median"],
-                    "step_ms": run["step_ms_median"],
-                    "floor_over_forward": floor / run["forward_ms_median"],
-                    "floor_over_step": floor / run["step_ms_median"],
-                    "full_model_floor_over_forward": full_floor / est["ms"],
-                    "full_model_floor_over_step": full_floor / est["step_ms"],
-                }
-                graph = run.get("forward_graph")
-                if graph and graph["status"] == "ok":
-                    entry |= {
-                        "graph_ms": graph["ms_median"],
-                        "floor_over_graph": floor / graph["ms_median"],
-                        "full_model_floor_over_graph": full_floor / graph["full_model_estimate"]["ms"],
-                    }
-            row[name] = entry
-        rows.append(row)
-    return rows
-
-
-# ---- transformers side by side ------------------------------------------------------------------------------
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def reference_skip_reason(bench: Bench) -> str | None:
-    if bench.dist is not None:
-        return "not with tensor/expert parallelism (transformers runs on one device)"
-    if importlib.util.find_spec("transformers") is None:
-        return "transformers is not installed (pip install small4[test])"
-    need = sum(p.numel() for p in bench.model.parameters()) * torch.empty((), dtype=bench.runner.dtype).element_size()
-    free = free_bytes(bench.device)
-    if free is not None and need + 4 * HEADROOM_BYTES > free:
-        return f"a dense {bench.runner.dtype} copy for transformers needs {gib(need)}, {gib(free)} free"
-    return None
-
-
-def build_reference(bench: Bench) -> Any:
-    """transformers ``Mistral4ForCausalLM`` with small4's weights (dequantised) copied in by checkpoint name."""
-    from transformers import Mistral4Config, Mistral4ForCausalLM
-
-    from small4.weights.names import NameMapper, split_role
-
-    text_cfg = hf_config(replace(bench.spec, num_layers=bench.layers), fp8=False)["text_config"]
-    text_cfg.pop("model_type")
-    cfg = Mistral4Config(**text_cfg)
-    with _default_dtype(bench.runner.dtype), torch.device(bench.device):
-        hf = Mistral4ForCausalLM(cfg).eval()
-    for module in hf.modules():  # small4's softmax scale (transformers reads mscale_all_dim differently: README)
-        if hasattr(module, "scaling") and hasattr(module, "qk_head_dim"):
-            module.scaling = bench.runner.config.text.softmax_scale
-    mapper, modules = NameMapper(bench.runner.config), dict(bench.model.named_modules())
-    with torch.no_grad():
-        for name, tensor in hf.state_dict().items():
-            base, role = split_role(name)
-            dest = mapper.map(base)
-            if dest is None or role != "weight":
-                raise RuntimeError(f"transformers tensor {name} has no small4 counterpart")
-            module = modules[dest.module]
-            if dest.param == "weight" and hasattr(module, "dense_weight"):
-                src = module.dense_weight(tensor.dtype)
-            elif dest.param in ("w13", "w2") and not dest.index:
-                _copy_experts(tensor, getattr(module, dest.param), getattr(module, f"{dest.param}_scale"))
-                continue
-            elif dest.param in ("w13", "w2"):
-                src = module.dense(tensor.dtype)[0 if dest.param == "w13" else 1]
-            else:
-                src = getattr(module, dest.param)
-            tensor.copy_(src[dest.index] if dest.index else src)
-    return hf
-
-
-def _copy_experts(out: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
-    """Stacked expert weights into ``out``, dequantised one expert at a time (no full float32 copy at once)."""
-    for e in range(weight.shape[0]):
-        out[e].copy_(weight[e] if scale is None else dequantize_fp8(weight[e], scale[e], out.dtype))
-
-
-def run_reference(bench: Bench, batch_sizes: list[int], prompt_len: int, new_tokens: int) -> dict[str, Any]:
-    """Decode tokens/s of ``generate``: (time of N new tokens - time of 1) / (N - 1) steps, so prefill cancels."""
-    import transformers
-
-    hf = build_reference(bench)
-    device = bench.device
-
-    @torch.inference_mode()
-    def generate(ids: torch.Tensor, n: int) -> None:
-        hf.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=hf.config.pad_token_id,
-        )
-
-    runs = []
-    n = max(new_tokens, 2)
-    for b in batch_sizes:
-        ids = torch.tensor([bench.random_tokens(prompt_len, bench.seed + 100 + i) for i in range(b)], device=device)
-        try:
-            generate(ids, 2)  # warm-up, excluded
-            t1 = time_host(lambda ids=ids: generate(ids, 1), device)
-            tn = time_host(lambda ids=ids: generate(ids, n), device)
-        except RuntimeError as e:
-            if not is_oom(e):
-                raise
-            runs.append({"batch_size": b, "status": "skipped", "reason": f"out of memory: {str(e).splitlines()[0]}"})
-            continue
-        step = max(tn - t1, 1e-9) / (n - 1)
-        runs.append({"batch_size": b, "status": "ok", "step_ms": step * 1e3, "tokens_per_s": b / step})
-    return {
-        "engine": f"transformers {transformers.__version__} Mistral4ForCausalLM.generate (greedy, KV cache)",
-        "prompt_len": prompt_len,
-        "new_tokens": n,
-        "runs": runs,
-    }
-
-
-def _ratios(decode: list[dict[str, Any]], reference: dict[str, Any]) -> list[dict[str, Any]]:
-    ours = {(r["batch_size"], r["context"]): r for r in decode if r["status"] == "ok"}
-    out = []
-    for ref in reference["runs"]:
-        mine = ours.get((ref["batch_size"], reference["prompt_len"]))
-        ok = mine is not None and ref["status"] == "ok"
-        ratio = mine["tokens_per_s"] / ref["tokens_per_s"] if ok else None
-        out.append(
-            {"batch_size": ref["batch_size"], "context": reference["prompt_len"], "small4_over_reference": ratio}
-        )
-    return out
 
 
 # ---- the command --------------------------------------------------------------------------------------------
@@ -508,7 +111,7 @@ def run_full_bench(
     bench = build_bench(args, d)
     device = bench.device
     build_peak = peak_bytes(device)  # measurements reset the peak counter: the overall peak is the max of all of them
-    weights_bytes = _bytes(bench.model)
+    weights_bytes = module_bytes(bench.model)
     name = device_name(device)
     bandwidth = hbm_bandwidth(name) if device.type == "cuda" else None
     measured_bw = measure_copy_bandwidth(device)
@@ -533,7 +136,7 @@ def run_full_bench(
             ref_batches = [b for b in (1, 8) if b in args.batch_sizes] or [1]
             reference = run_reference(bench, ref_batches, min(args.contexts), args.decode_steps)
             free_bytes(device)  # the transformers copy is garbage once run_reference returns
-            ratios = _ratios(decode, reference)
+            ratios = transformers_ratios(decode, reference)
     else:
         note = "disabled (pass --reference)"
     config = {
