@@ -101,9 +101,9 @@ def bench_ms(fn, reps: int = 10) -> float:
 
 # ------------------------------------------------------------------------------------------------ kernels
 def moe_checks() -> None:
+    from small4.kernels.fp8 import FP8_MAX
     from small4.kernels.fused_moe import choose_config, fused_moe
     from small4.kernels.moe_reference import fused_moe_reference
-    from small4.weights.quant import FP8_MAX
 
     E, H, I, K = (8, 64, 32, 2) if SMALL else (128, 4096, 2048, 4)
     g = torch.Generator(DEV).manual_seed(0)
@@ -167,7 +167,6 @@ def mla_checks() -> None:
     from small4.config import TextConfig
     from small4.kernels.mla_decode import mla_decode
     from small4.kernels.mla_reference import decode_attention_padded
-    from small4.model.context import AttentionMetadata
 
     H, C, R, BS = (4, 32, 16, 4) if SMALL else (32, 256, 64, 16)
     scale = TextConfig().softmax_scale
@@ -193,14 +192,11 @@ def mla_checks() -> None:
         for cache_dtype in (BF16, FP8):
             cache = (base * 4).clamp(-448, 448).to(FP8) if cache_dtype == FP8 else base.to(BF16)
             lens_t = torch.tensor(lens, dtype=torch.int32, device=DEV)
-            meta = AttentionMetadata(list(range(B + 1)), lens, None, bt, BS)
             for static in (False, True):
 
-                def run(
-                    cache=cache, static=static, lens_t=lens_t, meta=meta, q_lat=q_lat, q_rope=q_rope, bt=bt, lens=lens
-                ):
+                def run(cache=cache, static=static, lens_t=lens_t, q_lat=q_lat, q_rope=q_rope, bt=bt, lens=lens):
                     out = mla_decode(q_lat, q_rope, cache, bt, lens_t, scale, max_seq_len=None if static else max(lens))
-                    ref = decode_attention_padded(q_lat.float(), q_rope.float(), cache, meta, scale)
+                    ref = decode_attention_padded(q_lat.float(), q_rope.float(), cache, bt, lens, scale)
                     res = {"err": rel_err(out, ref), "tol": 2e-2}
                     if DEV.type == "cuda":
                         res["kernel_ms"] = bench_ms(
@@ -252,8 +248,8 @@ def latent_checks() -> None:
 
 
 def fp8_linear_checks() -> None:
+    from small4.kernels.fp8 import FP8_MAX
     from small4.kernels.fp8_linear import fp8_linear, fp8_linear_reference, row_scale, supports
-    from small4.weights.quant import FP8_MAX
 
     g = torch.Generator(DEV).manual_seed(3)
     shapes = [(48, 32)] if SMALL else [(1024, 4096), (4096, 1024), (320, 4096), (6144, 256), (4096, 4096), (4096, 2048)]
@@ -293,7 +289,7 @@ def graph_checks() -> None:
     sync()
     RESULTS["build_seconds_2_layers"] = time.perf_counter() - t
     BS, per_seq, max_batch = (4, 4, 4) if SMALL else (16, 64, 8)  # contexts up to 16 / 1024 tokens
-    runner = ModelRunner.from_model(model, EngineConfig(device=str(DEV), block_size=BS), num_blocks=max_batch * per_seq)
+    runner = ModelRunner(model, EngineConfig(device=str(DEV), block_size=BS), num_blocks=max_batch * per_seq)
     g = torch.Generator(DEV).manual_seed(4)
     for cache in runner.kv_caches:  # every row a finite value: contexts below are read without being prefilled
         cache.copy_((torch.randn(cache.shape, device=DEV, generator=g) * 0.5).to(cache.dtype))

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from small4.config import ConfigError, ModelConfig, read_generation_config
+from small4.config import ConfigError, load_model_config, parse_mistral_params, read_generation_config
 from small4.weights.tiny import make_tiny
 from small4.weights.tiny_quant import nvfp4_quantization_config
 
@@ -28,7 +28,7 @@ def _write(path, data) -> None:
 
 def test_release_directory_uses_the_plain_scale_and_says_why(release_dir, caplog):
     with caplog.at_level(logging.INFO, logger="small4.config"):
-        cfg = ModelConfig.from_dir(release_dir)
+        cfg = load_model_config(release_dir)
     assert cfg.layout == "hf" and not cfg.text.yarn_softmax_mscale
     assert cfg.text.softmax_scale == pytest.approx(PLAIN)
     assert cfg.text.rope.softmax_mscale == pytest.approx(MSCALE2)  # what transformers would multiply by
@@ -37,7 +37,7 @@ def test_release_directory_uses_the_plain_scale_and_says_why(release_dir, caplog
 
 def test_config_json_alone_uses_the_plain_scale(tmp_path):
     model_dir = make_tiny(tmp_path, layout="hf", seed=0)  # rope mscale_all_dim 1, no params.json
-    cfg = ModelConfig.from_dir(model_dir)
+    cfg = load_model_config(model_dir)
     assert cfg.text.rope.mscale_all_dim == 1.0 and cfg.text.softmax_scale == pytest.approx(PLAIN)
 
 
@@ -47,23 +47,23 @@ def test_params_json_apply_scale_decides_even_beside_config_json(release_dir, tm
     params = json.loads((tmp_path / "params.json").read_text())
     params["yarn"]["apply_scale"] = True
     _write(tmp_path / "params.json", params)
-    cfg = ModelConfig.from_dir(tmp_path)
+    cfg = load_model_config(tmp_path)
     assert cfg.layout == "hf" and cfg.text.yarn_softmax_mscale
     assert cfg.text.softmax_scale == pytest.approx(PLAIN * MSCALE2)
-    assert ModelConfig.from_mistral_dict(params).text.softmax_scale == pytest.approx(PLAIN * MSCALE2)
+    assert parse_mistral_params(params).text.softmax_scale == pytest.approx(PLAIN * MSCALE2)
 
 
 @pytest.mark.parametrize(("mode", "scale"), [("on", PLAIN * MSCALE2), ("off", PLAIN), ("auto", PLAIN)])
 def test_override_forces_the_scale_both_ways(release_dir, mode, scale):
-    assert ModelConfig.from_dir(release_dir, mode).text.softmax_scale == pytest.approx(scale)
+    assert load_model_config(release_dir, mode).text.softmax_scale == pytest.approx(scale)
 
 
 def test_override_off_beats_apply_scale_true(tmp_path):
     model_dir = make_tiny(tmp_path, layout="mistral", seed=0)  # the default tiny params say apply_scale true
-    assert ModelConfig.from_dir(model_dir).text.softmax_scale == pytest.approx(PLAIN * MSCALE2)
-    assert ModelConfig.from_dir(model_dir, "off").text.softmax_scale == pytest.approx(PLAIN)
+    assert load_model_config(model_dir).text.softmax_scale == pytest.approx(PLAIN * MSCALE2)
+    assert load_model_config(model_dir, "off").text.softmax_scale == pytest.approx(PLAIN)
     with pytest.raises(ConfigError, match="auto, on or off"):
-        ModelConfig.from_dir(model_dir, "yes")
+        load_model_config(model_dir, "yes")
 
 
 def _params_with_quant(tmp_path, quant: dict):
@@ -80,12 +80,12 @@ def test_unsupported_compressed_tensors_scheme_fails_at_config_time(tmp_path, sc
     quant["format"] = scheme
     quant["config_groups"]["group_0"]["format"] = scheme
     with pytest.raises(ConfigError) as err:
-        ModelConfig.from_dir(_params_with_quant(tmp_path, quant))
+        load_model_config(_params_with_quant(tmp_path, quant))
     assert str(err.value).startswith(f"compressed-tensors scheme '{scheme}' is not supported")
 
 
 def test_nvfp4_config_is_read(tmp_path):
-    cfg = ModelConfig.from_dir(_params_with_quant(tmp_path, nvfp4_quantization_config()))
+    cfg = load_model_config(_params_with_quant(tmp_path, nvfp4_quantization_config()))
     assert cfg.quant.method == "nvfp4"
     assert "lm_head" in cfg.quant.modules_to_not_convert and cfg.quant.targets
 
@@ -103,7 +103,7 @@ def test_nvfp4_arguments_other_than_nvfp4_are_named(tmp_path, edit, field):
     quant = nvfp4_quantization_config()
     edit(quant["config_groups"]["group_0"])
     with pytest.raises(ConfigError, match=f"group_0.{field}"):
-        ModelConfig.from_dir(_params_with_quant(tmp_path, quant))
+        load_model_config(_params_with_quant(tmp_path, quant))
 
 
 def test_unknown_quant_method_is_named(tmp_path):
@@ -112,7 +112,7 @@ def test_unknown_quant_method_is_named(tmp_path):
     cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
     _write(model_dir / "config.json", cfg)
     with pytest.raises(ConfigError, match="quantization method 'awq' is not supported"):
-        ModelConfig.from_dir(model_dir)
+        load_model_config(model_dir)
 
 
 def test_bad_weight_block_size_is_named(tmp_path):
@@ -121,7 +121,7 @@ def test_bad_weight_block_size_is_named(tmp_path):
     cfg["quantization_config"]["weight_block_size"] = [128]
     _write(model_dir / "config.json", cfg)
     with pytest.raises(ConfigError, match="weight_block_size"):
-        ModelConfig.from_dir(model_dir)
+        load_model_config(model_dir)
 
 
 def test_generation_config_defaults(release_dir, tmp_path):

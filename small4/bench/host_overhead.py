@@ -33,7 +33,6 @@ from torch import nn
 from small4.bench.results import int_list, positive_int, write_result
 from small4.bench.synthetic import TINY_BENCH_SPEC, model_config
 from small4.config import EngineConfig, ModelConfig
-from small4.engine.cuda_graphs import DecodeGraphs
 from small4.engine.engine import Engine
 from small4.engine.model_runner import ModelRunner
 from small4.engine.sampling_params import SamplingParams
@@ -64,6 +63,9 @@ class NoOpModel(nn.Module):
 
     def set_attn_impl(self, impl: str) -> None:
         """Nothing to configure: there is no attention."""
+
+    def set_backend(self, backend: str) -> None:
+        """Nothing to configure: there are no kernels."""
 
     def forward(self, input_ids, positions, meta, kv_caches=None, inputs_embeds=None) -> torch.Tensor:
         return self.hidden[: input_ids.shape[0]]  # [T, hidden]
@@ -100,13 +102,10 @@ def build_engine(batch: int, max_model_len: int, device: torch.device, graphs: b
         enable_prefix_caching=False, enforce_eager=True,
     )  # fmt: skip
     blocks_per_seq = -(-max_model_len // cfg.block_size)
-    runner = ModelRunner.from_model(model, cfg, num_blocks=batch * blocks_per_seq)
-    engine = Engine.from_runner(runner, bench_tokenizer(config.text.vocab_size))
+    runner = ModelRunner(model, cfg, num_blocks=batch * blocks_per_seq)
+    engine = Engine(runner, bench_tokenizer(config.text.vocab_size))
     if graphs:  # the static-buffer path of a decode step; on CUDA the no-op forward is captured too
-        runner.decode_graphs = DecodeGraphs(
-            model, runner.kv_caches, runner.pad_block, blocks_per_seq, batch, capture=device.type == "cuda",
-            batch_sizes=[batch],
-        )  # fmt: skip
+        runner.capture_decode_graphs(blocks_per_seq, batch, batch_sizes=[batch], capture=device.type == "cuda")
     return engine
 
 

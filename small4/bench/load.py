@@ -57,15 +57,16 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
 
 
 def _start(model_dir: Path, args: argparse.Namespace):
-    from small4.cli import build_parser
-    from small4.server.serve import build_from_args, make_server
+    from small4.server.serve import add_serve_arguments, build_from_args, make_server
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    argv = ["serve", str(model_dir), "--port", str(port), "--block-size", "4", "--kv-cache-memory", "8MiB"]
+    argv = [str(model_dir), "--port", str(port), "--block-size", "4", "--kv-cache-memory", "8MiB"]
     argv += ["--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.max_queue)]
-    app, ctx = build_from_args(build_parser().parse_args(argv))
+    parser = argparse.ArgumentParser(prog="small4 serve")
+    add_serve_arguments(parser)  # the serve command's own flags, as `small4 serve` parses them
+    app, ctx = build_from_args(parser.parse_args(argv))
     server = make_server(app, ctx, "127.0.0.1", port, 5.0)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from small4.bench.results import device_name, positive_int, write_result
-from small4.config import EngineConfig, ModelConfig
+from small4.config import EngineConfig, load_model_config
 from small4.weights.tiny import TinySpec, make_tiny
 
 # A bigger random model than the default TinySpec: enough width that matmuls, not Python, dominate, while a
@@ -154,7 +154,7 @@ def run_reference(model_dir: Path, w: Workload, batch_size: int, device: str, dt
     model = model.to(device).eval()
     # the same softmax scale as small4 (transformers multiplies by YaRN's mscale^2 whenever mscale_all_dim is set;
     # small4 only when params.json says apply_scale: README), so that both compute the same model
-    scale = ModelConfig.from_dir(model_dir).text.softmax_scale
+    scale = load_model_config(model_dir).text.softmax_scale
     for module in model.modules():
         if hasattr(module, "scaling") and hasattr(module, "qk_head_dim"):
             module.scaling = scale

@@ -26,7 +26,7 @@ from small4.tokenizer import TekkenVocab, Tokenizer
 from small4.weights.tekken_tiny import NUM_SPECIAL_TOKENS, special_tokens, write_tiny_tekken
 
 if TYPE_CHECKING:
-    from small4.bench.fullscale import Bench
+    from small4.bench.harness import Bench
 
 
 @dataclass
@@ -72,25 +72,27 @@ def measure_serving(
     base = {"concurrency": concurrency, "input_len": input_len, "output_len": output_len}
     per_seq = bench.blocks_for(input_len + output_len)
     cache = bench.cache_bytes(concurrency * per_seq)
-    chunk = bench.runner.engine_cfg.max_num_batched_tokens or 8192
+    chunk = bench.runner.engine_cfg.max_num_batched_tokens
     why = bench.why_not_fit(cache, bench.chunk_activation_bytes(min(chunk, input_len), input_len))
     if why:
         return {**base, "status": "skipped", "reason": why, "cache_bytes": cache}
     runner, saved_cfg = bench.runner, bench.runner.engine_cfg
     bench.allocate_cache(concurrency * per_seq)
-    runner.engine_cfg = replace(
-        saved_cfg,
-        max_num_seqs=concurrency,
-        max_model_len=input_len + output_len,
-        enable_prefix_caching=False,
-        enforce_eager=not bench.cuda_graph,
+    runner.configure(
+        replace(
+            saved_cfg,
+            max_num_seqs=concurrency,
+            max_model_len=input_len + output_len,
+            enable_prefix_caching=False,
+            enforce_eager=not bench.cuda_graph,
+        )
     )
     try:
-        engine = Engine.from_runner(runner, tokenizer)  # captures the decode graphs here, before any timing
+        engine = Engine(runner, tokenizer)  # captures the decode graphs here, before any timing
         _run_closed_loop(engine, bench, 1, min(input_len, 16), 4, concurrency=1, seed=-1)  # compile kernels
         timelines, wall = _run_closed_loop(engine, bench, num_requests, input_len, output_len, concurrency, seed=0)
     finally:
-        runner.engine_cfg = saved_cfg
+        runner.configure(saved_cfg)
         bench.release_cache()
     return {**base, "status": "ok", "num_requests": num_requests, "cache_bytes": cache, **_summarise(timelines, wall)}
 

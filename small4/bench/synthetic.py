@@ -18,11 +18,12 @@ from typing import Literal
 
 import torch
 
-from small4.config import ModelConfig, QuantConfig, TextConfig
+from small4.config import ModelConfig, QuantConfig, TextConfig, parse_hf_config
+from small4.kernels.backend import kernel_backend
+from small4.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from small4.model.layers import Linear
 from small4.model.mistral4 import Mistral4Model
 from small4.model.moe import RoutedExperts
-from small4.weights.quant import FP8_DTYPE, FP8_MAX
 from small4.weights.tiny import TinySpec, hf_config
 
 WeightDtype = Literal["bf16", "fp8"]
@@ -61,7 +62,7 @@ def model_config(spec: TinySpec, num_layers: int | None = None, weights: WeightD
     """Text-only ModelConfig for ``spec`` (optionally only ``num_layers`` layers), parsed as a checkpoint would be."""
     if num_layers is not None:
         spec = replace(spec, num_layers=num_layers)
-    config = ModelConfig.from_hf_dict(hf_config(spec, fp8=weights == "fp8"))
+    config = parse_hf_config(hf_config(spec, fp8=weights == "fp8"))
     quant = QuantConfig(method="fp8") if weights == "fp8" else QuantConfig()
     return replace(config, vision=None, quant=quant)
 
@@ -142,4 +143,5 @@ def build_random_model(
         else:
             _fill_dense(param, param.shape[-1], g)
     # RotaryEmbedding.inv_freq is a plain CPU tensor (not a buffer), so meta construction left it intact
+    model.set_backend(kernel_backend(device))
     return model.eval()

@@ -16,7 +16,6 @@ not a tuning.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import time
@@ -26,29 +25,18 @@ from typing import Any
 import torch
 
 from small4.bench.results import device_name, int_list, positive_int, write_result
+from small4.kernels.moe_grid import FULL_GRID, candidates
 
 FULL_SHAPES = {"experts": 128, "hidden": 4096, "width": 2048, "top_k": 4}
 TINY_SHAPES = {"experts": 4, "hidden": 32, "width": 32, "top_k": 2}
 DEFAULT_TOKENS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048, 4096, 8192]
-FULL_GRID = {
-    "BLOCK_M": [16, 32, 64, 128],
-    "BLOCK_N": [64, 128],
-    "BLOCK_K": [64, 128],
-    "num_warps": [4, 8],
-    "num_stages": [3, 4],
-}
 TINY_GRID = {"BLOCK_M": [16, 32], "BLOCK_N": [16], "BLOCK_K": [32], "num_warps": [4], "num_stages": [3]}
-
-
-def candidates(grid: dict[str, list[int]]) -> list[dict[str, int]]:
-    keys = list(grid)
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def make_problem(shapes: dict[str, int], dtype: str, device: torch.device, seed: int) -> dict[str, Any]:
     """Random expert weights (FP8 with per-expert scales, NVFP4 packed with block scales, or BF16/FP32) made
     directly on the device."""
-    from small4.weights.quant import FP8_DTYPE
+    from small4.kernels.fp8 import FP8_DTYPE
 
     g = torch.Generator(device=device).manual_seed(seed)
     E, H, I = shapes["experts"], shapes["hidden"], shapes["width"]

@@ -456,7 +456,7 @@ def generate(model_dir: Path, renderer: ChatRenderer, examples: list[Example], m
     from small4.engine.multimodal import ImageInput
     from small4.engine.sampling_params import SamplingParams
 
-    engine = Engine(model_dir, EngineConfig())
+    engine = Engine.from_model_dir(model_dir, EngineConfig())
     tok = renderer.tokenizer.instruct_tokenizer.tokenizer
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     tokens: dict[str, list[int]] = {}

@@ -225,7 +225,7 @@ class AsyncEngine:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, engine_cfg: EngineConfig | None = None) -> AsyncEngine:
         """Loads the model (blocking: do it before serving, or in a worker thread)."""
-        return cls(Engine(model_dir, engine_cfg))
+        return cls(Engine.from_model_dir(model_dir, engine_cfg))
 
     @property
     def engine(self) -> Engine:

@@ -58,18 +58,10 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path, engine_cfg: EngineConfig | None = None) -> None:
-        engine_cfg = engine_cfg or EngineConfig()
-        self._start(Tokenizer.from_file(model_dir), ModelRunner(model_dir, engine_cfg))
-
-    @classmethod
-    def from_runner(cls, runner: ModelRunner, tokenizer: Tokenizer) -> Engine:
-        """An engine around an already-built runner (benchmarks on synthetic weights); its config is the runner's."""
-        engine = cls.__new__(cls)
-        engine._start(tokenizer, runner)
-        return engine
-
-    def _start(self, tokenizer: Tokenizer, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer) -> None:
+        """An engine around a built runner (its config is the runner's); ``from_model_dir`` loads a checkpoint."""
+        if isinstance(runner, (str, Path)):
+            raise TypeError("Engine(runner, tokenizer) takes a built runner; use Engine.from_model_dir for a directory")
         self.engine_cfg = runner.engine_cfg
         self.tokenizer = tokenizer
         self.runner = runner
@@ -91,6 +83,11 @@ class Engine:
         self.children: dict[str, list[str]] = {}
         self.num_preemptions = 0
         self.num_steps = 0
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, engine_cfg: EngineConfig | None = None) -> Engine:
+        runner = ModelRunner.from_model_dir(model_dir, engine_cfg or EngineConfig())
+        return cls(runner, Tokenizer.from_file(model_dir))
 
     def _scheduler_config(self) -> SchedulerConfig:
         cfg = self.engine_cfg
@@ -289,7 +286,7 @@ class LLM:
 
     def __init__(self, model_dir: str | Path, engine_cfg: EngineConfig | None = None, **overrides) -> None:
         cfg = engine_cfg or EngineConfig(**overrides)
-        self.engine = Engine(model_dir, cfg)
+        self.engine = Engine.from_model_dir(model_dir, cfg)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from small4.engine.request import Request
+from small4.engine.request import Request, token_slice
 
 # The parent of the first block. A fixed-width digest (rather than b"") keeps the byte encoding unambiguous.
 _ROOT_HASH = hashlib.blake2b(b"small4-prefix-root", digest_size=32).digest()
@@ -89,10 +89,11 @@ class BlockManager:
         return self._blocks[block_id].ref_count
 
     # ---- lookup and allocation --------------------------------------------------------------------------
-    def get_computed_prefix(self, request: Request) -> tuple[list[int], int]:
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Cached blocks matching the request's leading full blocks, and the number of tokens they cover.
 
-        Lookup only. Capped at ``num_tokens - 1`` tokens: the last token must be computed to get logits.
+        Lookup only; run once per admission and handed to ``allocate_slots``. Capped at ``num_tokens - 1`` tokens:
+        the last token must be computed to get logits.
         """
         if not self.enable_prefix_caching:
             return [], 0
@@ -105,42 +106,39 @@ class BlockManager:
             block_ids.append(block_id)
         return block_ids, len(block_ids) * self.block_size
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Make room for tokens ``[num_computed_tokens, num_computed_tokens + num_new_tokens)``.
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: list[int] | None = None
+    ) -> list[int] | None:
+        """Blocks for ``num_new_tokens`` more tokens, or None (and nothing changed) when the free ones do not suffice.
 
-        A request holding no blocks is being (re)admitted: its cached prefix is attached first, which sets
-        ``num_computed_tokens`` (so ``num_new_tokens`` counts from the end of the prefix; get it from
-        ``get_computed_prefix``). Returns False and changes nothing when the free blocks do not suffice.
+        Admission passes ``computed_blocks`` (from ``get_computed_blocks``, maybe empty): they are referenced first,
+        and the new tokens follow them. Otherwise the request's own ``block_ids`` and ``num_computed_tokens`` say
+        what it holds. Returns only the newly taken blocks; the scheduler owns the request's ``block_ids`` and
+        progress and writes them (vLLM's ``allocate_slots``).
         """
-        admitting = not request.block_ids
+        admitting = computed_blocks is not None
         if admitting:
-            prefix, num_computed = self.get_computed_prefix(request)
+            held, num_computed = computed_blocks, len(computed_blocks) * self.block_size
         else:
-            prefix, num_computed = [], request.num_computed_tokens
-        num_held = len(request.block_ids) + len(prefix)
-        num_new_blocks = max(0, self.num_blocks_for(num_computed + num_new_tokens) - num_held)
-        num_revived = sum(1 for block_id in prefix if self._blocks[block_id].ref_count == 0)
+            held, num_computed = request.block_ids, request.num_computed_tokens
+        num_new_blocks = max(0, self.num_blocks_for(num_computed + num_new_tokens) - len(held))
+        num_revived = sum(1 for block_id in computed_blocks or () if self._blocks[block_id].ref_count == 0)
         if num_new_blocks + num_revived > len(self._free):
-            return False
+            return None
         if admitting:
-            self._attach_prefix(request, prefix, num_computed)
-        request.block_ids.extend(self._take_free_block() for _ in range(num_new_blocks))
-        return True
+            self._reference_prefix(request, computed_blocks)
+        return [self._take_free_block() for _ in range(num_new_blocks)]
 
-    def _attach_prefix(self, request: Request, prefix: list[int], num_cached: int) -> None:
+    def _reference_prefix(self, request: Request, prefix: list[int]) -> None:
         for block_id in prefix:
             block = self._blocks[block_id]
             if block.ref_count == 0:
                 del self._free[block_id]
             block.ref_count += 1
-        request.block_ids = list(prefix)
-        request.num_computed_tokens = num_cached
-        if request.num_preemptions == 0:  # usage reports the first admission, not recompute after preemption
-            request.num_cached_prompt_tokens = num_cached
         self._num_registered[request.request_id] = len(prefix)
         if self.enable_prefix_caching:
             self.prefix_cache_queries += request.num_tokens
-            self.prefix_cache_hits += num_cached
+            self.prefix_cache_hits += len(prefix) * self.block_size
 
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)
@@ -202,7 +200,7 @@ class BlockManager:
             start = len(hashes) * bs
             parent = hashes[-1] if hashes else _ROOT_HASH
             block_extras = extras[start : start + bs] if extras is not None else ()
-            hashes.append(hash_block(parent, _tokens(request, start, start + bs), block_extras))
+            hashes.append(hash_block(parent, token_slice(request, start, start + bs), block_extras))
         return hashes
 
     def check_invariants(self, requests: Iterable[Request] | None = None) -> None:
@@ -231,14 +229,3 @@ class BlockManager:
             bad = [b.block_id for b in self._blocks if b.ref_count != refs[b.block_id]]
             if bad:
                 raise AssertionError(f"refcounts do not match the requests' block lists: blocks {bad[:8]}")
-
-
-def _tokens(request: Request, start: int, end: int) -> list[int]:
-    """Token ids ``[start, end)`` of prompt + output without concatenating the whole sequence."""
-    prompt, output = request.prompt_token_ids, request.output_token_ids
-    n = len(prompt)
-    if end <= n:
-        return prompt[start:end]
-    if start >= n:
-        return output[start - n : end - n]
-    return prompt[start:] + output[: end - n]

@@ -71,51 +71,79 @@ def _has_image_slot(item: ScheduledRequest) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | Path, engine_cfg: EngineConfig) -> None:
+    def __init__(self, model: Mistral4Model, engine_cfg: EngineConfig, num_blocks: int | None = None) -> None:
+        """A runner around a built model, on the model's device and in its dtype. ``num_blocks`` overrides the cache
+        size that the memory budget would give (benchmarks); ``from_model_dir`` loads a checkpoint first."""
+        if isinstance(model, (str, Path)):
+            raise TypeError("ModelRunner(model, engine_cfg) takes a built model; use ModelRunner.from_model_dir")
         self.engine_cfg = engine_cfg
-        self.device = resolve_device(engine_cfg.device)
-        self.dtype = resolve_dtype(engine_cfg.dtype, self.device)
-        self.model: Mistral4Model = load_model(
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.model = model
+        self._setup(num_blocks)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, engine_cfg: EngineConfig) -> ModelRunner:
+        """Loads the checkpoint onto the configured device, in the configured dtype, and runs it."""
+        device = resolve_device(engine_cfg.device)
+        model = load_model(
             model_dir,
-            dtype=self.dtype,
-            device=self.device,
+            dtype=resolve_dtype(engine_cfg.dtype, device),
+            device=device,
             progress=False,
             attention_scale_mscale=engine_cfg.attention_scale_mscale,
         )
-        self._setup()
-
-    @classmethod
-    def from_model(cls, model: Mistral4Model, engine_cfg: EngineConfig, num_blocks: int | None = None) -> ModelRunner:
-        """A runner around an already-built model (benchmarks with synthetic weights): all but the loading.
-        ``num_blocks`` overrides the cache size that the memory budget would give."""
-        runner = cls.__new__(cls)
-        runner.engine_cfg = engine_cfg
-        runner.device = model.embed_tokens.weight.device
-        runner.dtype = model.embed_tokens.weight.dtype
-        runner.model = model
-        runner._setup(num_blocks)
-        return runner
+        return cls(model, engine_cfg)
 
     def _setup(self, num_blocks: int | None = None) -> None:
         engine_cfg = self.engine_cfg
         self.model.set_attn_impl(engine_cfg.attn_impl)
+        self.model.set_backend(kernel_backend(self.device))
         self.config: ModelConfig = self.model.config
         self.block_size = engine_cfg.block_size
         self.cache_dtype = cache_dtype(engine_cfg, self.dtype)
-        self.num_blocks = num_blocks or self._num_blocks()
-        text = self.config.text
-        # empty, not zeros: a slot is always written before it is read, and untouched pages cost nothing.
-        # One block more than the block manager hands out: padded rows of a CUDA-graph step write there.
-        self.pad_block = self.num_blocks
-        self.kv_caches = [
-            torch.empty(
-                self.num_blocks + 1, self.block_size, text.latent_dim, dtype=self.cache_dtype, device=self.device
-            )
-            for _ in range(text.num_layers)
-        ]
-        self.decode_graphs: DecodeGraphs | None = None
-        self.inputs = StepInputs(self.device, self.block_size, self.pad_block)
+        self.allocate_cache(num_blocks or self._num_blocks())
         log.info("max tokens in cache: %d (%d blocks of %d)", self.max_cached_tokens, self.num_blocks, self.block_size)
+
+    def configure(self, engine_cfg: EngineConfig) -> None:
+        """Runs under other engine settings (batch limits, lengths, prefix caching, eager mode: what an engine built
+        next reads from its runner). What shaped the runner (device, dtype, block size, cache dtype, attention
+        path) must stay as it is."""
+        fixed = ("device", "dtype", "block_size", "kv_cache_dtype", "attn_impl")
+        changed = [name for name in fixed if getattr(engine_cfg, name) != getattr(self.engine_cfg, name)]
+        if changed:
+            raise ValueError(f"a built runner cannot change {', '.join(changed)}")
+        self.engine_cfg = engine_cfg
+
+    def allocate_cache(self, num_blocks: int) -> None:
+        """The latent cache for ``num_blocks`` blocks, replacing any earlier one (freed first) and the decode graphs
+        captured over it. Empty, not zeros: a slot is always written before it is read, and untouched pages cost
+        nothing. One block more than the block manager hands out: padded rows of a CUDA-graph step write there. An
+        engine sizes its block manager from ``num_blocks`` when it is built, so build it after this."""
+        self.release_cache()
+        text = self.config.text
+        self.num_blocks = self.pad_block = num_blocks
+        shape = (num_blocks + 1, self.block_size, text.latent_dim)
+        self.kv_caches = [
+            torch.empty(shape, dtype=self.cache_dtype, device=self.device) for _ in range(text.num_layers)
+        ]
+        self.inputs = StepInputs(self.device, self.block_size, self.pad_block)
+
+    def release_cache(self) -> None:
+        """Drops the latent cache and the graphs captured over it (benchmarks size one cache per measurement)."""
+        self.kv_caches: list[torch.Tensor] = []
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(
+        self, max_blocks_per_seq: int, max_batch: int, batch_sizes: list[int] | None = None, capture: bool = True
+    ) -> DecodeGraphs:
+        """Captures one decode forward per batch size of the ladder (or ``batch_sizes``) over the current cache;
+        decode-only steps that fit then replay them. Capture needs CUDA (the caller decides, as
+        ``prepare_decode_graphs`` does); ``capture=False`` keeps only the static buffers, replayed eagerly."""
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.kv_caches, self.pad_block, max_blocks_per_seq, max_batch, capture, batch_sizes
+        )
+        return self.decode_graphs
 
     @property
     def bytes_per_block(self) -> int:
@@ -143,7 +171,7 @@ class ModelRunner:
     def _activation_reserve(self) -> int:
         """Head-room for one step's activations: logits of every sampled row plus MoE intermediates."""
         text = self.config.text
-        tokens = self.engine_cfg.max_num_batched_tokens or 8192
+        tokens = self.engine_cfg.max_num_batched_tokens  # the profile fills it in
         per_token = 4 * (
             text.vocab_size + 8 * text.hidden_size + 4 * text.moe_intermediate_size * text.num_experts_per_tok
         )
@@ -169,8 +197,7 @@ class ModelRunner:
         """Captures decode steps as CUDA graphs (GPU with the Triton kernels, unless ``enforce_eager``)."""
         if self.engine_cfg.enforce_eager or self.device.type != "cuda" or kernel_backend(self.device) != "triton":
             return
-        max_blocks = -(-max_model_len // self.block_size)
-        self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self.pad_block, max_blocks, max_batch)
+        self.capture_decode_graphs(-(-max_model_len // self.block_size), max_batch)
 
     def _graph_step(self, plan: SchedulerOutput) -> StepBatch | None:
         """A decode-only step through the graphs; None when the step does not fit them (it then runs eagerly)."""

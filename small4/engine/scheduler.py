@@ -198,11 +198,12 @@ class Scheduler:
         num_new = self._chunk(request.num_tokens - request.num_computed_tokens, plan.budget)
         if num_new == 0:
             return
-        while not self.block_manager.allocate_slots(request, num_new):
+        while (new_blocks := self.block_manager.allocate_slots(request, num_new)) is None:
             victim = self.running[-1]
             self._preempt(victim, plan)
             if victim is request:
                 return
+        request.block_ids.extend(new_blocks)
         plan.grant(request, num_new)
 
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
@@ -220,10 +221,15 @@ class Scheduler:
         """Admit from the head of the queue; stop at the first that does not fit (no overtaking)."""
         while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            _, num_cached = self.block_manager.get_computed_prefix(request)
+            computed, num_cached = self.block_manager.get_computed_blocks(request)  # the one lookup
             num_new = self._chunk(request.num_tokens - num_cached, plan.budget)
-            if num_new == 0 or not self.block_manager.allocate_slots(request, num_new):
+            new_blocks = self.block_manager.allocate_slots(request, num_new, computed) if num_new else None
+            if new_blocks is None:
                 return
+            request.block_ids = computed + new_blocks
+            request.num_computed_tokens = num_cached
+            if request.num_preemptions == 0:  # usage reports the first admission, not recompute after preemption
+                request.num_cached_prompt_tokens = num_cached
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)

@@ -24,17 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from small4.engine.request import Request
-
-
-def token_slice(request: Request, start: int, end: int) -> list[int]:
-    """Tokens [start, end) of prompt + output without copying the whole sequence (a decode reads one token)."""
-    prompt, num_prompt = request.prompt_token_ids, request.num_prompt_tokens
-    if start >= num_prompt:
-        return request.output_token_ids[start - num_prompt : end - num_prompt]
-    if end <= num_prompt:
-        return prompt[start:end]
-    return prompt[start:] + request.output_token_ids[: end - num_prompt]
+from small4.engine.request import Request, token_slice
 
 
 @dataclass

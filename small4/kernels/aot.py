@@ -232,7 +232,7 @@ def default_cases() -> list[tuple[str, Callable[[], object]]]:
 
 def grid_cases(weights: tuple[str, ...] = MOE_WEIGHTS, configs: list[dict[str, int]] | None = None):
     """Every config of the tune-moe grid (or ``configs``), per expert weight format."""
-    from small4.bench.tune_moe import FULL_GRID, candidates
+    from small4.kernels.moe_grid import FULL_GRID, candidates
 
     cases = []
     for weights_ in weights:

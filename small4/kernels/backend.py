@@ -14,10 +14,18 @@ import torch
 Backend = Literal["reference", "triton"]
 
 
-def kernel_backend(device: torch.device) -> Backend:
+def kernel_choice() -> Literal["auto", "reference", "triton"]:
+    """``SMALL4_KERNELS`` as set (validated), before a device resolves ``auto``."""
     choice = os.environ.get("SMALL4_KERNELS", "auto")
     if choice not in ("auto", "reference", "triton"):
         raise ValueError(f"SMALL4_KERNELS must be auto, reference or triton, got {choice!r}")
+    return choice
+
+
+def kernel_backend(device: torch.device) -> Backend:
+    """The backend for a model on ``device``. Read when a model is built or placed (``Mistral4Model.set_backend``),
+    never inside a forward."""
+    choice = kernel_choice()
     if choice == "auto":
         return "triton" if device.type == "cuda" else "reference"
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

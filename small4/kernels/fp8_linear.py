@@ -7,7 +7,7 @@ torch 2.13, it runs too, which is how tests check it). The activation is quantis
 - static per-tensor when the checkpoint gives ``input_scale``: ``x / input_scale``, saturated to +-448;
 - otherwise dynamic per token: each row's amax / 448 (a zero row gets a tiny scale, so zeros, never NaN).
 
-Scales are multipliers (real value = fp8 * scale), as in ``weights/quant.py``. ``_scaled_mm`` takes either two
+Scales are multipliers (real value = fp8 * scale), as in ``kernels/fp8.py``. ``_scaled_mm`` takes either two
 singleton scales (tensor-wise) or ``scale_a [M, 1]`` with ``scale_b [1, N]`` (row-wise), never a mix; row-wise is
 accepted on CPU (verified, bf16 and float32 outputs) but on CUDA (H100) only with a BF16 output, so row-wise on CUDA
 computes in BF16 and casts. Weights with one scale, or one scale per block of output rows (``[so, 1]``, e.g. the
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from small4.weights.quant import FP8_DTYPE, FP8_MAX, dequantize_fp8
+from small4.kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8
 
 _ALIGN = 16  # cuBLASLt FP8 GEMMs need K and N to be multiples of 16
 _MIN_AMAX = 1e-12  # a zero row still gets a finite, non-zero scale

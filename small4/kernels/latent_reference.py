@@ -1,4 +1,5 @@
-"""Reference twin of ``latent_write.py``: the MLA latent write in plain PyTorch, with the model's own ops.
+"""Reference twin of ``latent_write.py``: the MLA latent write in plain PyTorch, with the model's own ops
+(``norm_rope.py``).
 
 Kept apart from the Triton module so that the model imports it without importing Triton (whose kernels read
 ``TRITON_INTERPRET`` when they are decorated).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from small4.model.layers import apply_rotary, rms_norm
+from small4.kernels.norm_rope import apply_rotary, rms_norm
 
 
 def latent_write_reference(

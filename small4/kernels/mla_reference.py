@@ -3,13 +3,14 @@
 Queries arrive already absorbed into the latent space (``q_nope @ W_UK``), so a key is one cached latent row
 (``kv_lora_rank`` latent + ``qk_rope_head_dim`` roped shared key) and a value is the latent part of the same row.
 The output stays in latent space; the caller applies ``W_UV``. Slow and obviously correct: a loop over sequences.
+Plain tensors and lists in, as the Triton kernel takes them: ``query_start_loc`` (sequence i's new tokens are rows
+``query_start_loc[i]:query_start_loc[i+1]``), ``seq_lens`` (context lengths after this step) and ``block_tables``
+(None: each sequence attends to its own new tokens only), the fields of ``model.context.AttentionMetadata``.
 """
 
 from __future__ import annotations
 
 import torch
-
-from small4.model.context import AttentionMetadata
 
 
 def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -35,17 +36,18 @@ def decode_attention_padded(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
     kv_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    block_tables: torch.Tensor,
+    seq_lens: list[int],
     softmax_scale: float,
 ) -> torch.Tensor:
     """A decode-only step (one query per sequence) as one batched computation over contexts padded to the longest:
     the same math as the per-sequence loop, without a Python loop over sequences."""
     B, C = q_latent.shape[0], q_latent.shape[-1]
-    max_len = max(meta.seq_lens)
+    max_len = max(seq_lens)
     num_blocks = -(-max_len // kv_cache.shape[1])
-    ctx = kv_cache[meta.block_tables[:, :num_blocks].long()]  # [B, nb, BS, C + R]
+    ctx = kv_cache[block_tables[:, :num_blocks].long()]  # [B, nb, BS, C + R]
     ctx = ctx.reshape(B, -1, kv_cache.shape[-1])[:, :max_len].to(q_latent.dtype)  # [B, K, C + R]
-    lengths = torch.tensor(meta.seq_lens, device=ctx.device)[:, None]  # [B, 1]
+    lengths = torch.tensor(seq_lens, device=ctx.device)[:, None]  # [B, 1]
     valid = torch.arange(max_len, device=ctx.device)[None, :] < lengths  # [B, K]
     # rows past a sequence's end are stale or never written (possibly NaN): zero them, since 0 * NaN is NaN
     ctx = ctx.masked_fill(~valid[..., None], 0)
@@ -60,14 +62,17 @@ def mla_attention_absorbed(
     q_rope: torch.Tensor,
     latents: torch.Tensor,
     kv_cache: torch.Tensor | None,
-    meta: AttentionMetadata,
+    block_tables: torch.Tensor | None,
+    query_start_loc: list[int],
+    seq_lens: list[int],
     softmax_scale: float,
 ) -> torch.Tensor:
     """q_latent [T, H, C], q_rope [T, H, R]; ``latents`` [T, C + R] are this step's new rows (used directly when
     there is no cache). Returns the attention output in latent space, [T, H, C]."""
-    if meta.uses_cache and len(meta.query_start_loc) - 1 == q_latent.shape[0]:
-        return decode_attention_padded(q_latent, q_rope, kv_cache, meta, softmax_scale)
-    return attention_per_sequence(q_latent, q_rope, latents, kv_cache, meta, softmax_scale)
+    if block_tables is not None and len(query_start_loc) - 1 == q_latent.shape[0]:
+        return decode_attention_padded(q_latent, q_rope, kv_cache, block_tables, seq_lens, softmax_scale)
+    args = (block_tables, query_start_loc, seq_lens, softmax_scale)
+    return attention_per_sequence(q_latent, q_rope, latents, kv_cache, *args)
 
 
 def attention_per_sequence(
@@ -75,16 +80,18 @@ def attention_per_sequence(
     q_rope: torch.Tensor,
     latents: torch.Tensor,
     kv_cache: torch.Tensor | None,
-    meta: AttentionMetadata,
+    block_tables: torch.Tensor | None,
+    query_start_loc: list[int],
+    seq_lens: list[int],
     softmax_scale: float,
 ) -> torch.Tensor:
     """Any mix of prefill chunks and decodes, one sequence at a time: the obviously correct form."""
     C = q_latent.shape[-1]
     out = torch.empty_like(q_latent)
-    for i in range(meta.num_seqs):
-        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-        if meta.uses_cache:
-            ctx = gather_context(kv_cache, meta.block_tables[i], meta.seq_lens[i])  # [K, C + R]
+    for i in range(len(seq_lens)):
+        start, end = query_start_loc[i], query_start_loc[i + 1]
+        if block_tables is not None:
+            ctx = gather_context(kv_cache, block_tables[i], seq_lens[i])  # [K, C + R]
         else:
             ctx = latents[start:end]
         ctx = ctx.to(q_latent.dtype)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from small4.kernels.nvfp4 import dequantize_nvfp4
+
 
 def fused_moe_reference(
     x: torch.Tensor,
@@ -54,8 +56,6 @@ def fused_moe_nvfp4_reference(
 ) -> torch.Tensor:
     """Twin of ``fused_moe_nvfp4``: the weights dequantised to x's dtype (gate and up halves each with their own
     divisor, ``w13_global`` [E, 2]), then ``fused_moe_reference``."""
-    from small4.kernels.nvfp4 import dequantize_nvfp4
-
     I = w13_packed.shape[1] // 2
     gate = dequantize_nvfp4(w13_packed[:, :I], w13_block_scale[:, :I], w13_global[:, 0], x.dtype)  # [E, I, H]
     up = dequantize_nvfp4(w13_packed[:, I:], w13_block_scale[:, I:], w13_global[:, 1], x.dtype)  # [E, I, H]

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from small4.config import TextConfig
-from small4.kernels.backend import kernel_backend
 from small4.kernels.latent_reference import latent_write_reference
 from small4.kernels.mla_reference import gather_context, mla_attention_absorbed
+from small4.kernels.registry import KernelOps, default_ops
 from small4.model.context import AttentionMetadata
 from small4.model.layers import Linear, RMSNorm, RotaryEmbedding, llama4_query_scale
 
@@ -62,6 +62,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (nope + v))
         self.o_proj = Linear(H * v, cfg.hidden_size)
         self.impl: AttnImpl = "auto"
+        self.ops: KernelOps = default_ops()
 
     def forward(
         self,
@@ -78,11 +79,8 @@ class MLAttention(nn.Module):
         cos, sin, q_scale = meta.rope_tables(positions, x.dtype, lambda: self._rope_tables(positions, x.dtype))
         q_rope = self.rotary.apply(q_rope, cos, sin)  # [T, H, R]
         q_nope, q_rope = q_nope * q_scale, q_rope * q_scale
-        write_latents = latent_write_reference
-        if kernel_backend(x.device) == "triton" and not ckv.requires_grad:  # the kernel has no backward
-            from small4.kernels.latent_write import latent_write  # Triton is optional on CPU-only installs
-
-            write_latents = latent_write
+        # the Triton kernel has no backward: the demo model trains through the twin
+        write_latents = latent_write_reference if ckv.requires_grad else self.ops.latent_write
         norm, slots = self.kv_a_layernorm, meta.slot_mapping if kv_cache is not None else None
         # [c, k_rope] = [kv_a_layernorm(c), rope(k_rope)]: [T, C + R], also cast into the cache at the token's slot
         latents = write_latents(ckv, norm.weight, norm.eps, cos, sin, self.rotary.interleave, slots, kv_cache)
@@ -139,11 +137,9 @@ class MLAttention(nn.Module):
         w_uk, w_uv = self._kv_b_split(q_nope.dtype)
         q_latent = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, H, C]
         decode_only = meta.uses_cache and meta.num_seqs == q_latent.shape[0]  # one new token per sequence
-        if decode_only and kernel_backend(q_latent.device) == "triton":
-            from small4.kernels.mla_decode import mla_decode  # Triton is optional on CPU-only installs
-
+        if decode_only and self.ops.mla_decode is not None:
             seq_lens = meta.device_seq_lens(q_latent.device)
-            o_latent = mla_decode(
+            o_latent = self.ops.mla_decode(
                 q_latent,
                 q_rope,
                 kv_cache,
@@ -153,7 +149,8 @@ class MLAttention(nn.Module):
                 max_seq_len=meta.max_seq_len,
             )
         else:
-            o_latent = mla_attention_absorbed(q_latent, q_rope, latents, kv_cache, meta, self.cfg.softmax_scale)
+            plan = (meta.block_tables, meta.query_start_loc, meta.seq_lens, self.cfg.softmax_scale)
+            o_latent = mla_attention_absorbed(q_latent, q_rope, latents, kv_cache, *plan)
         return torch.einsum("thc,hvc->thv", o_latent, w_uv)  # [T, H, v]
 
     def _attend_expanded(self, q_nope, q_rope, latents, meta: AttentionMetadata, kv_cache) -> torch.Tensor:

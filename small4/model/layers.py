@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from small4.config import RopeConfig
-from small4.kernels.backend import kernel_backend
+from small4.kernels.fp8 import dequantize_fp8
 from small4.kernels.fp8_linear import fp8_linear, row_scale, supports
-from small4.weights.quant import dequantize_fp8
+from small4.kernels.norm_rope import apply_rotary, rms_norm
+from small4.kernels.registry import KernelOps, default_ops
 
 
 class RMSNorm(nn.Module):
@@ -29,24 +30,11 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The math of ``RMSNorm``, for twins of fused kernels that take the weight as an argument."""
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
-
-
-def fp8_fast_path(device: torch.device) -> bool:
-    """FP8 weights run through ``torch._scaled_mm`` wherever the fast kernels are selected (``kernel_backend`` says
-    "triton": auto on CUDA, or forced); the reference backend keeps the exact dequantise-then-matmul path."""
-    return kernel_backend(device) == "triton"
-
-
 class Linear(nn.Module):
     """A bias-free linear layer whose weight may stay in FP8 (e4m3) with its scale.
 
-    With ``weight_scale`` set, the weight is FP8 in memory. On the fast path (``fp8_fast_path``) and when
+    With ``weight_scale`` set, the weight is FP8 in memory. When the model's kernels take FP8 linears
+    (``self.ops.fp8_linear``, the Triton backend, set by ``Mistral4Model.set_backend``) and
     ``kernels.fp8_linear.supports`` the layer, it runs W8A8 through ``fp8_linear`` (static activation scale
     ``input_scale`` from the checkpoint, else dynamic per token); otherwise it is dequantised on the fly here.
     """
@@ -58,6 +46,7 @@ class Linear(nn.Module):
         self.weight_scale: torch.Tensor | None = None
         self.input_scale: torch.Tensor | None = None
         self._fp8_plan: tuple[tuple, torch.Tensor | None] | None = None
+        self.ops: KernelOps = default_ops()
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.weight_scale is None:
@@ -65,7 +54,7 @@ class Linear(nn.Module):
         return dequantize_fp8(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_scale is not None and fp8_fast_path(x.device):
+        if self.weight_scale is not None and self.ops.fp8_linear:
             scale = self._fp8_row_scale()
             if scale is not None:
                 return fp8_linear(x, self.weight, scale, self.input_scale, x.dtype)
@@ -128,20 +117,6 @@ class RotaryEmbedding(nn.Module):
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return apply_rotary(x, cos, sin, self.interleave)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotates ``x`` [T, ..., dim]. Interleaved pairs (x0,x1),(x2,x3)… come out de-interleaved (all first members,
-    then all second members), as the reference lays them out; q and k share the layout, so their dot product is
-    the same."""
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def llama4_query_scale(positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from small4.config import ModelConfig, TextConfig
+from small4.kernels.backend import Backend
+from small4.kernels.registry import apply_backend
 from small4.model.attention import AttnImpl, MLAttention
 from small4.model.context import AttentionMetadata
 from small4.model.layers import RMSNorm, RotaryEmbedding
@@ -49,6 +51,11 @@ class Mistral4Model(nn.Module):
     def set_attn_impl(self, impl: AttnImpl) -> None:
         for layer in self.layers:
             layer.self_attn.impl = impl
+
+    def set_backend(self, backend: Backend) -> None:
+        """Chooses the kernels once, for the device the model now lives on (``kernels.backend.kernel_backend``):
+        every module that calls a kernel keeps the same ``KernelOps``, so no forward decides it again."""
+        apply_backend(self, backend)
 
     def embed(
         self,

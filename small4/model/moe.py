@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from small4.config import TextConfig
-from small4.kernels.backend import kernel_backend
+from small4.kernels.fp8 import dequantize_fp8
 from small4.kernels.moe_reference import fused_moe_reference
 from small4.kernels.nvfp4 import FP4_BLOCK, dequantize_nvfp4
+from small4.kernels.registry import KernelOps, default_ops
 from small4.model.layers import SwiGLU
-from small4.weights.quant import dequantize_fp8
 
 
 def route(
@@ -50,6 +50,7 @@ class RoutedExperts(nn.Module):
         # expert parallelism (parallel/ep.py): routes (x, ids, weights) to the ranks holding the experts and calls
         # ``compute`` on this rank's share with local ids (-1: another rank's expert, skipped); None: one device
         self.dispatch = None
+        self.ops: KernelOps = default_ops()
 
     def to_nvfp4(self) -> None:
         """Swaps the dense expert tensors for empty 4-bit ones (filled by the loader), on the same device."""
@@ -89,10 +90,8 @@ class RoutedExperts(nn.Module):
 
     def compute(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The experts this module holds over ``x``; a negative id adds nothing (another rank holds that expert)."""
-        if self.w13_packed is not None and kernel_backend(x.device) == "triton":
-            from small4.kernels.fused_moe import fused_moe_nvfp4  # the 4-bit kernel, Triton only
-
-            return fused_moe_nvfp4(
+        if self.w13_packed is not None and self.ops.fused_moe_nvfp4 is not None:
+            return self.ops.fused_moe_nvfp4(
                 x,
                 self.w13_packed,
                 self.w13_block_scale,
@@ -103,11 +102,9 @@ class RoutedExperts(nn.Module):
                 topk_ids,
                 topk_weights,
             )
-        if kernel_backend(x.device) == "triton":
-            from small4.kernels.fused_moe import fused_moe  # imports triton: only on the Triton path
-
+        if self.ops.fused_moe is not None:
             # FP8 weights go to the kernel as they are, with their scales; it dequantises tile by tile.
-            return fused_moe(x, self.w13, self.w2, topk_ids, topk_weights, self.w13_scale, self.w2_scale)
+            return self.ops.fused_moe(x, self.w13, self.w2, topk_ids, topk_weights, self.w13_scale, self.w2_scale)
         w13, w2 = self.dense(x.dtype)
         return fused_moe_reference(x, w13, w2, topk_ids, topk_weights)
 

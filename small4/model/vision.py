@@ -241,10 +241,6 @@ class VisionTower(nn.Module):
         eps = cfg.rms_norm_eps if projector_norm_eps is None else projector_norm_eps
         self.projector = MultiModalProjector(cfg, text_hidden, eps)
 
-    def num_tokens(self, height: int, width: int) -> int:
-        """``[IMG]`` tokens (= output rows) of a preprocessed ``height`` x ``width`` image."""
-        return self.cfg.tokens_per_image(height, width)
-
     def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """images: [C, H, W] each -> [n_tokens_i, text_hidden] each, rows in ``[IMG]`` order (row-major)."""
         if not images:

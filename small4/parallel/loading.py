@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from small4.config import AttentionScaleMode, ConfigError, ModelConfig
+from small4.config import AttentionScaleMode, ConfigError, ModelConfig, load_model_config
 from small4.kernels.backend import kernel_backend
 from small4.kernels.nvfp4 import FP4_BLOCK
 from small4.model.mistral4 import Mistral4Model
@@ -144,7 +144,7 @@ def load_sharded_model(
     ``vision=False`` leaves the vision tower out (workers: rank 0 encodes images and broadcasts the embeddings).
     ``keep_nvfp4`` None: NVFP4 routed experts stay 4-bit where the Triton kernels run (as ``load_model``)."""
     model_dir = Path(model_dir)
-    config = ModelConfig.from_dir(model_dir, attention_scale_mscale)
+    config = load_model_config(model_dir, attention_scale_mscale)
     if config.quant.method == "nvfp4" and not plan.expert_parallel and plan.inter.size % FP4_BLOCK:
         raise ConfigError(
             f"NVFP4 experts split over {plan.moe_parts} ranks leave {plan.inter.size} intermediate columns each, "
@@ -160,4 +160,5 @@ def load_sharded_model(
     model = model.to_empty(device=device).to(dtype)
     loader = ShardedWeightLoader(model, config, plan, keep_fp8=keep_fp8, keep_nvfp4=keep_nvfp4)
     loader.load_dir(model_dir, progress=False)
+    model.set_backend(kernel_backend(torch.device(device)))
     return model.eval(), loader

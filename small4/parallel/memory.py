@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from small4.config import ModelConfig, parse_bytes
+from small4.config import ModelConfig, load_model_config, parse_bytes
 from small4.model.layers import Linear
 from small4.model.mistral4 import Mistral4Model
 from small4.model.moe import RoutedExperts
@@ -125,7 +125,7 @@ def format_plan(plan: RankPlan, world_size: int) -> str:
 
 
 def _plan_command(args: argparse.Namespace) -> int:
-    config = ModelConfig.from_dir(Path(args.model))
+    config = load_model_config(Path(args.model))
     tp = args.tensor_parallel_size
     parallel = ParallelConfig(tp, tp if args.enable_expert_parallel else 1)
     plan = plan_rank(

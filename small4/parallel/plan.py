@@ -114,7 +114,7 @@ class ShardPlan:
 def scale_cut(cut: Cut, scale_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> Cut | None:
     """The cut of a scale (or activation-scale) tensor that matches ``cut`` of its weight; None: read it whole.
 
-    Scales broadcast over blocks (weights/quant.py): a 1-D per-expert scale of a 3-D weight is its dim 0; a
+    Scales broadcast over blocks (kernels/fp8.py): a 1-D per-expert scale of a 3-D weight is its dim 0; a
     dimension of size 1 covers the whole weight dimension; otherwise each scale entry covers ceil(L / s) rows."""
     if len(scale_shape) == 0 or all(s == 1 for s in scale_shape):
         return None

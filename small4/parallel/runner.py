@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from small4.config import EngineConfig, ModelConfig
+from small4.config import EngineConfig, load_model_config
 from small4.engine.model_runner import ModelRunner, resolve_dtype
 from small4.model.context import AttentionMetadata
 from small4.parallel.channel import StepInputs, recv_json, recv_step, send_json, send_step
@@ -135,7 +135,7 @@ def build_rank(
     ``keep_fp8`` None: keep an FP8 checkpoint in FP8 on a GPU (the W8A8 kernels), dequantise it on the CPU."""
     model_dir = Path(model_dir)
     check_agreement(d, fingerprint(model_dir, engine_cfg, expect or parallel, d.world_size))
-    config = ModelConfig.from_dir(model_dir, engine_cfg.attention_scale_mscale)
+    config = load_model_config(model_dir, engine_cfg.attention_scale_mscale)
     plan = ShardPlan(config.text, parallel, d.rank)
     dtype = resolve_dtype(engine_cfg.dtype, d.device)
     if keep_fp8 is None:
@@ -153,7 +153,7 @@ def build_rank(
     )
     log.info("rank %d: read %d bytes of weights (skipped %d)", d.rank, loader.bytes_read, loader.bytes_skipped)
     cls = DriverRunner if d.is_driver else ModelRunner
-    runner = cls.from_model(model, replace(engine_cfg, device=str(d.device)))
+    runner = cls(model, replace(engine_cfg, device=str(d.device)))
     runner.bytes_read = loader.bytes_read
     agreed = torch.tensor([runner.num_blocks], dtype=torch.int64)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=d.cpu_group)

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import NoReturn
 
-from small4.config import EngineConfig, ModelConfig
+from small4.config import EngineConfig, load_model_config
 from small4.engine.async_engine import AsyncEngine
 from small4.engine.engine import Engine
 from small4.parallel.config import ParallelConfig
@@ -34,7 +34,7 @@ def parallel_async_engine(
     keep_fp8: bool | None = None,
 ) -> AsyncEngine:
     """Node 0's side: this process is rank 0 behind the engine."""
-    parallel.validate(ModelConfig.from_dir(model_dir).text)  # before any process starts: the split must divide
+    parallel.validate(load_model_config(model_dir).text)  # before any process starts: the split must divide
     session = ParallelSession(parallel.world_size, device=engine_cfg.device, nodes=nodes)
     atexit.register(session.close)  # the fallback on exits other than end_serving_process (errors, Ctrl-C)
     _open_sessions.append(session)
@@ -50,7 +50,7 @@ def parallel_async_engine(
         parallel.expert_parallel_size,
         runner.bytes_read,
     )
-    return AsyncEngine(Engine.from_runner(runner, Tokenizer.from_file(model_dir)))
+    return AsyncEngine(Engine(runner, Tokenizer.from_file(model_dir)))
 
 
 def end_serving_process(code: int = 0) -> NoReturn:

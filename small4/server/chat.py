@@ -13,21 +13,22 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
-from small4.chat import dialect as dia
-from small4.chat.dialect import Dialect
-from small4.chat.grammar import (
+from small4.chat import (
+    MARKERS,
+    ChatRenderer,
     CompiledGrammar,
+    Dialect,
     GrammarCompiler,
     GrammarError,
+    OutputParser,
+    ParsedDelta,
+    RenderedPrompt,
+    RenderError,
     enforce_schemas,
     response_format_from_openai,
 )
-from small4.chat.parse import MARKERS, OutputParser, ParsedDelta
-from small4.chat.render import ChatRenderer, RenderedPrompt, RenderError
-from small4.engine.engine import TokenMaskFactory
-from small4.engine.multimodal import ImageInput
-from small4.engine.sampler import TokenLogprobs
-from small4.engine.token_mask import token_mask_provider
+from small4.chat import dialect as dia
+from small4.engine import ImageInput, TokenLogprobs, TokenMaskFactory, token_mask_provider
 from small4.server.context import ServerContext, Ticket, hold_until_done
 from small4.server.errors import APIError
 from small4.server.protocol import ChatCompletionRequest

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
-from small4.engine.sampler import TokenLogprobs
+from small4.engine import TokenLogprobs
 from small4.server.context import ServerContext, Ticket, hold_until_done
 from small4.server.errors import APIError
 from small4.server.protocol import CompletionRequest

@@ -13,11 +13,8 @@ from typing import TypeVar
 
 from starlette.responses import Response, StreamingResponse
 
-from small4.chat.media import MediaPolicy
-from small4.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from small4.engine.engine import TokenMaskFactory
-from small4.engine.multimodal import ImageInput
-from small4.engine.sampling_params import SamplingParams
+from small4.chat import MediaPolicy
+from small4.engine import AsyncEngine, EngineDeadError, ImageInput, RequestStream, SamplingParams, TokenMaskFactory
 from small4.server.errors import APIError
 from small4.server.metrics import ServerMetrics
 from small4.server.protocol import ChatCompletionRequest, CompletionRequest

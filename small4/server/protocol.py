@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from small4.engine.sampling_params import MAX_N, MAX_TOP_LOGPROBS, SamplingParams
+from small4.engine import MAX_N, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256

@@ -26,9 +26,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, ValidationError, model_validator
 from starlette.requests import Request
 
+from small4.chat import OutputParser, ParsedDelta, RenderError
 from small4.chat import responses_input as ri
-from small4.chat.parse import OutputParser, ParsedDelta
-from small4.chat.render import RenderError
 from small4.server.chat import ChatHandler, _Choice, _image_inputs, _json_size, _text_size
 from small4.server.context import Ticket, hold_until_done
 from small4.server.errors import APIError

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import uvicorn
 
-from small4.chat.media import MediaPolicy, parse_allowed_domains
+from small4.chat import MediaPolicy, parse_allowed_domains
 from small4.config import EngineConfig, parse_bytes, read_generation_config
-from small4.engine.async_engine import AsyncEngine
+from small4.engine import AsyncEngine
 from small4.server.app import AppOptions, build_app
 from small4.server.context import ServerContext, ServerLimits
 from small4.tokenizer import Tokenizer
@@ -90,7 +90,7 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
 
 def parallel_config(args: argparse.Namespace):
     """The split asked for, or None for one process; flags that are not built yet are refused here, by name."""
-    from small4.parallel.config import ParallelConfig
+    from small4.parallel import ParallelConfig
 
     if args.data_parallel_attention:
         raise ValueError("--data-parallel-attention is not supported yet (the latent cache is replicated per rank)")
@@ -106,7 +106,7 @@ def parallel_config(args: argparse.Namespace):
 
 def node_layout(args: argparse.Namespace):
     """Multi-node: every node runs the same command with its own --node-rank; node 0 serves the API."""
-    from small4.parallel.launch import Nodes
+    from small4.parallel import Nodes
 
     if args.nnodes is None or args.nnodes == 1:
         return Nodes()
@@ -118,7 +118,7 @@ def node_layout(args: argparse.Namespace):
 
 
 def build_from_args(args: argparse.Namespace):
-    from small4.weights.embedded import embedded_model_dir
+    from small4.weights import embedded_model_dir
 
     model_dir = Path(args.model) if args.model else embedded_model_dir()
     engine_cfg = EngineConfig(
@@ -141,7 +141,7 @@ def build_from_args(args: argparse.Namespace):
     if parallel is None:
         engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
     else:  # the API process is rank 0 and starts the other ranks
-        from small4.parallel.serving import parallel_async_engine
+        from small4.parallel import parallel_async_engine
 
         engine = parallel_async_engine(model_dir, engine_cfg, parallel, node_layout(args))
     defaults = read_generation_config(model_dir) if args.generation_config == "auto" else {}
@@ -219,7 +219,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     nodes = node_layout(args)
     if nodes.rank > 0:  # not the API node: this node's ranks follow rank 0 until it stops
-        from small4.parallel.serving import follow_node
+        from small4.parallel import follow_node
 
         return follow_node(parallel_config(args), nodes, args.device)
     app, ctx = build_from_args(args)
@@ -232,7 +232,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     make_server(app, ctx, args.host, args.port, args.shutdown_timeout).run()
     if parallel_config(args) is not None:  # rank 0 of a split: reap the workers, leave gloo's teardown out
-        from small4.parallel.serving import end_serving_process
+        from small4.parallel import end_serving_process
 
         end_serving_process(0)
     return 0

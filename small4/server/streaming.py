@@ -15,8 +15,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from small4.engine.async_engine import EngineDeadError, RequestFailedError, RequestStream
-from small4.engine.outputs import RequestOutput
+from small4.engine import EngineDeadError, RequestFailedError, RequestOutput, RequestStream
 from small4.server.context import Ticket
 from small4.server.errors import APIError
 from small4.server.metrics import ServerMetrics

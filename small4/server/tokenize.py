@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from small4.chat.render import ChatRenderer, RenderError
+from small4.chat import ChatRenderer, RenderError
 from small4.server.context import ServerContext
 from small4.server.errors import APIError
 from small4.server.protocol import ChatMessage, _Strict

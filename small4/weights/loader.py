@@ -25,13 +25,13 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from small4.config import AttentionScaleMode, ModelConfig
+from small4.config import AttentionScaleMode, ModelConfig, load_model_config
 from small4.kernels.backend import kernel_backend
+from small4.kernels.fp8 import FP8_DTYPE, dequantize_fp8
 from small4.kernels.nvfp4 import FP4_BLOCK, dequantize_nvfp4
 from small4.model.mistral4 import Mistral4Model
 from small4.model.vision import interleaved_to_rotate_half
 from small4.weights.names import Destination, NameMapper, is_vision, split_role
-from small4.weights.quant import FP8_DTYPE, dequantize_fp8
 
 log = logging.getLogger(__name__)
 
@@ -383,11 +383,12 @@ def load_model(
     in-kernel), and are dequantised at load elsewhere. ``attention_scale_mscale``: see
     ``config.decide_attention_scale``."""
     model_dir = Path(model_dir)
-    config = ModelConfig.from_dir(model_dir, attention_scale_mscale)
+    config = load_model_config(model_dir, attention_scale_mscale)
     if keep_nvfp4 is None:
         keep_nvfp4 = kernel_backend(torch.device(device)) == "triton"
     with torch.device("meta"):
         model = Mistral4Model(config)
     model = model.to_empty(device=device).to(dtype)
     WeightLoader(model, config, keep_fp8=keep_fp8, keep_nvfp4=keep_nvfp4).load_dir(model_dir, progress=progress)
+    model.set_backend(kernel_backend(torch.device(device)))
     return model.eval()

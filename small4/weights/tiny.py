@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
-from small4.weights.quant import FP8_DTYPE, quantize_fp8_per_tensor
+from small4.kernels.fp8 import FP8_DTYPE, quantize_fp8_per_tensor
 from small4.weights.tekken_tiny import write_tiny_tekken
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from small4.kernels.fp8 import quantize_fp8_blocks
 from small4.kernels.nvfp4 import FP4_BLOCK, quantize_nvfp4
-from small4.weights.quant import quantize_fp8_blocks
 
 # What the block-scaled tiny checkpoints use: small enough that the tiny's dims (48-row latent projection,
 # 160-row kv_b, 96-wide o_proj) are not multiples of it, as the real 320-row latent projection is not of 128.

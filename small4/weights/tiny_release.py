@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from small4.weights.quant import FP8_DTYPE, quantize_fp8_per_tensor
+from small4.kernels.fp8 import FP8_DTYPE, quantize_fp8_per_tensor
 from small4.weights.tiny import TinySpec, hf_config, hf_to_native, mistral_params, random_hf_state_dict, write_shards
 from small4.weights.tiny_quant import nvfp4_quantization_config, quantize_nvfp4_state_dict
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from small4.bench import fullscale
+from small4.bench import fullscale, reference
 from small4.cli import build_parser, main
 from small4.model.context import AttentionMetadata
 
@@ -94,7 +94,7 @@ def test_reference_gets_the_same_weights(weights):
     args = argparse.Namespace(device="cpu", tiny=True, layers=2, dtype=weights, seed=3, block_size=16)
     args.max_cache_memory, args.cuda_graph = None, False
     bench = fullscale.build_bench(args)
-    hf = fullscale.build_reference(bench)
+    hf = reference.build_reference(bench)
     ids = torch.tensor(bench.random_tokens(12, seed=5))
     with torch.inference_mode():
         hidden = bench.model(ids, torch.arange(12), AttentionMetadata.for_prefill([12]), None)

@@ -45,6 +45,8 @@ def test_engine_imports_without_server_and_chat_libraries():
         """
         import small4.engine.engine, small4.engine.model_runner, small4.engine.async_engine, small4.tokenizer
         from small4.engine.engine import LLM, Engine
+        from small4.engine import AsyncEngine, RequestOutput, SamplingParams  # the engine's face
+        import small4.bench, small4.model, small4.weights, small4.kernels, small4.parallel, small4.server
         from small4.bench.serving import bench_tokenizer
         tok = bench_tokenizer(3000)
         assert tok.vocab_size == 3000 and tok.token_bytes(1000 + 65) == b"A" and tok.is_special(34)

@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def engine(model_dir) -> Engine:
-    return Engine(model_dir, CFG)
+    return Engine.from_model_dir(model_dir, CFG)
 
 
 def _prompt(i: int, length: int) -> list[int]:

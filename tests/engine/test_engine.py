@@ -217,3 +217,15 @@ def test_engine_seed_reproduces_unseeded_sampling_and_request_seeds_use_64_bits(
     assert again == first
     assert other[:2] != first[:2] and other[2] == first[2]  # the engine seed is for unseeded requests only
     assert len({tuple(t) for t in first[2:]}) == 4
+
+
+def test_constructors_take_built_parts_and_name_the_directory_path():
+    """``Engine(runner, tokenizer)`` and ``ModelRunner(model, cfg)`` are the one construction path; a checkpoint
+    directory is loaded by ``from_model_dir``, and passing one to the plain constructor says so."""
+    from small4.engine import Engine
+    from small4.engine.model_runner import ModelRunner
+
+    with pytest.raises(TypeError, match="Engine.from_model_dir"):
+        Engine("/some/checkpoint", None)
+    with pytest.raises(TypeError, match="ModelRunner.from_model_dir"):
+        ModelRunner("/some/checkpoint", EngineConfig())

@@ -492,3 +492,29 @@ def check_step(sched: Scheduler, output: SchedulerOutput, running_before: set[Re
     for r in sched.running:
         assert len(r.block_ids) >= sched.block_manager.num_blocks_for(r.num_computed_tokens)
         assert r.status is RequestStatus.RUNNING
+
+
+def test_admission_looks_the_prefix_up_once_and_writes_the_request_state():
+    """The scheduler asks the block manager for the cached prefix once per admission attempt and then writes the
+    request's blocks and progress itself from the blocks it gets back (the block manager only counts blocks)."""
+    sched = make_scheduler(num_blocks=16, block_size=4)
+    lookups = []
+    real = sched.block_manager.get_computed_blocks
+
+    def counted(request):
+        lookups.append(request.request_id)
+        return real(request)
+
+    sched.block_manager.get_computed_blocks = counted
+    stem = list(range(100, 112))  # three full blocks
+    first = make_request("a", stem + [1])
+    sched.add_request(first)
+    sched.update_from_output(sched.schedule(), {"a": 7})
+    second = make_request("b", stem + [2, 3])
+    sched.add_request(second)
+    plan = sched.schedule()
+    assert lookups == ["a", "b"]
+    assert second.block_ids[:3] == first.block_ids[:3] and len(second.block_ids) == 4
+    assert second.num_computed_tokens == 12 and second.num_cached_prompt_tokens == 12
+    assert [(s.request.request_id, s.start, s.num_new_tokens) for s in plan.scheduled] == [("a", 13, 1), ("b", 12, 2)]
+    sched.block_manager.check_invariants([first, second])

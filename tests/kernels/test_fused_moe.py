@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from small4.kernels.fp8 import FP8_MAX, dequantize_fp8
 from small4.kernels.fused_moe import choose_config, fused_moe, moe_align
 from small4.kernels.moe_reference import fused_moe_reference
+from small4.kernels.registry import kernel_ops
 from small4.model.moe import RoutedExperts
-from small4.weights.quant import FP8_MAX, dequantize_fp8
 
 # Small tiles so a few tokens already span several blocks, several column tiles and several K steps.
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -236,9 +237,9 @@ def test_routed_experts_backends_agree_on_fp8(monkeypatch, device):
     experts.w13_scale, experts.w2_scale = s13.to(device), s2.to(device)
     x = torch.randn(T, H, generator=g).to(device)
     ids, weights = (t.to(device) for t in random_routing(T, E, k, g))
-    monkeypatch.setenv("SMALL4_KERNELS", "reference")
+    experts.ops = kernel_ops("reference")
     ref = experts(x, ids, weights)
-    monkeypatch.setenv("SMALL4_KERNELS", "triton")
+    experts.ops = kernel_ops("triton")
     assert_close(experts(x, ids, weights), ref, torch.float32)
 
 
@@ -252,7 +253,7 @@ def test_tiny_model_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
     prompt = [1, 45, 120, 77, 201, 9]
 
     def greedy(backend):
-        monkeypatch.setenv("SMALL4_KERNELS", backend)
+        model.set_backend(backend)
         ids, first = list(prompt), None
         with torch.no_grad():
             for _ in range(5):  # the prefill's token, then 4 decode steps (each recomputes the full prefill)

@@ -175,14 +175,20 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
     from small4.engine.engine import LLM
     from small4.engine.sampling_params import SamplingParams
     from small4.kernels import latent_write as latent_write_module
-    from small4.model import attention
+    from small4.kernels.registry import kernel_ops
+    from small4.model.attention import MLAttention
     from small4.weights.tiny import TinySpec, make_tiny
 
     make_tiny(tmp_path, layout="hf", seed=7, spec=TinySpec(num_layers=1, num_bpe_ranks=300))
     prompt, params = [[1, 1100, 1200, 1299], [1, 1050]], SamplingParams(temperature=0, max_tokens=6)
 
-    def generate():
+    def generate(attention_backend=None):
         llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20, device=str(device)))
+        if attention_backend is not None:  # the attention layers alone, after the runner chose for the model
+            ops = kernel_ops(attention_backend)
+            for module in llm.engine.runner.model.modules():
+                if isinstance(module, MLAttention):
+                    module.ops = ops
         return [list(r.outputs[0].token_ids) for r in llm.generate(prompt, params)]
 
     monkeypatch.setenv("SMALL4_KERNELS", "reference")
@@ -194,7 +200,7 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
         calls.append(args[0].shape[0])
         return latent_write(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "kernel_backend", lambda device: "triton")
-    monkeypatch.setattr(latent_write_module, "latent_write", counted)  # the attention imports it at call time
-    assert generate() == expected
+    # the registry reads the module's attribute when the backend is chosen
+    monkeypatch.setattr(latent_write_module, "latent_write", counted)
+    assert generate("triton") == expected
     assert len(calls) >= 6 and max(calls) > 1  # the prefill and the decode steps went through the kernel

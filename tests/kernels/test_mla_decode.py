@@ -62,7 +62,7 @@ def test_kernel_equals_reference_fp32(block_size, H, block_h, num_splits, block_
     args = (SEQ_LENS, H, block_size, torch.float32, torch.float32, block_size + H, device)
     q_latent, q_rope, cache, meta = make_case(*args)
     out = run_kernel(q_latent, q_rope, cache, meta, num_splits=num_splits, block_h=block_h, block_n=block_n)
-    ref = decode_attention_padded(q_latent, q_rope, cache, meta, SCALE)
+    ref = decode_attention_padded(q_latent, q_rope, cache, meta.block_tables, meta.seq_lens, SCALE)
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
@@ -77,9 +77,11 @@ def test_kernel_equals_reference_low_precision(cache_dtype, block_size, num_spli
     q_latent, q_rope, cache, meta = make_case([3, 16, 29], 4, block_size, cache_dtype, torch.bfloat16, 11, device)
     out = run_kernel(q_latent, q_rope, cache, meta, num_splits=num_splits, block_n=8)
     assert out.dtype == torch.bfloat16
-    exact = decode_attention_padded(q_latent.float(), q_rope.float(), cache.float(), meta, SCALE)
+    exact = decode_attention_padded(
+        q_latent.float(), q_rope.float(), cache.float(), meta.block_tables, meta.seq_lens, SCALE
+    )
     torch.testing.assert_close(out.float(), exact, atol=2e-2, rtol=2e-2)
-    ref = decode_attention_padded(q_latent, q_rope, cache, meta, SCALE).float()
+    ref = decode_attention_padded(q_latent, q_rope, cache, meta.block_tables, meta.seq_lens, SCALE).float()
     ulp = 2.0**-7 * exact.abs().max()  # one bfloat16 step at the largest output: the final rounding alone
     assert (out.float() - exact).abs().max() <= (ref - exact).abs().max() + ulp
 
@@ -88,7 +90,7 @@ def test_default_heuristics_and_empty_context(device):
     """Without overrides the heuristics pick the tiles and splits; a zero-length context (a padding row in a
     captured batch) gives zeros, not NaN, and leaves the other rows alone."""
     q_latent, q_rope, cache, meta = make_case([7, 1], 4, 4, torch.float32, torch.float32, 3, device)
-    ref = decode_attention_padded(q_latent, q_rope, cache, meta, SCALE)
+    ref = decode_attention_padded(q_latent, q_rope, cache, meta.block_tables, meta.seq_lens, SCALE)
     torch.testing.assert_close(run_kernel(q_latent, q_rope, cache, meta), ref, atol=1e-4, rtol=1e-4)
     lens = torch.tensor([7, 0], dtype=torch.int32, device=device)
     out = mla_decode(q_latent, q_rope, cache, meta.block_tables, lens, SCALE, num_splits=2, block_n=4)
@@ -104,7 +106,9 @@ def test_real_shapes(cache_dtype, seq_lens, device):
     q_latent, q_rope, cache, meta = make_case(seq_lens, 32, 16, cache_dtype, torch.bfloat16, 7, device, C=256, R=64)
     q_latent, q_rope = q_latent / 16, q_rope / 16  # scores of a realistic size (not a one-hot softmax)
     out = run_kernel(q_latent, q_rope, cache, meta, max_seq_len=max(seq_lens))
-    exact = decode_attention_padded(q_latent.float(), q_rope.float(), cache.float(), meta, SCALE)
+    exact = decode_attention_padded(
+        q_latent.float(), q_rope.float(), cache.float(), meta.block_tables, meta.seq_lens, SCALE
+    )
     torch.testing.assert_close(out.float(), exact, atol=2e-2, rtol=2e-2)
 
 
@@ -124,14 +128,20 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
     from small4.engine.engine import LLM
     from small4.engine.sampling_params import SamplingParams
     from small4.kernels import mla_decode as mla_decode_module
-    from small4.model import attention
+    from small4.kernels.registry import kernel_ops
+    from small4.model.attention import MLAttention
     from small4.weights.tiny import TinySpec, make_tiny
 
     make_tiny(tmp_path, layout="hf", seed=7, spec=TinySpec(num_layers=1, num_bpe_ranks=300))
     prompt, params = [[1, 1100, 1200, 1299], [1, 1050]], SamplingParams(temperature=0, max_tokens=6)
 
-    def generate():
+    def generate(attention_backend=None):
         llm = LLM(str(tmp_path), EngineConfig(block_size=4, kv_cache_memory=1 << 20, device=str(device)))
+        if attention_backend is not None:  # the attention layers alone, after the runner chose for the model
+            ops = kernel_ops(attention_backend)
+            for module in llm.engine.runner.model.modules():
+                if isinstance(module, MLAttention):
+                    module.ops = ops
         return [list(r.outputs[0].token_ids) for r in llm.generate(prompt, params)]
 
     monkeypatch.setenv("SMALL4_KERNELS", "reference")
@@ -144,7 +154,6 @@ def test_engine_greedy_tokens_unchanged(tmp_path, monkeypatch, device):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "kernel_backend", lambda device: "triton")
-    monkeypatch.setattr(mla_decode_module, "mla_decode", counted)
-    assert generate() == expected
+    monkeypatch.setattr(mla_decode_module, "mla_decode", counted)  # the registry reads it when the backend is chosen
+    assert generate("triton") == expected
     assert len(calls) >= 5  # the decode steps after the prefill went through the kernel

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import small4.model.layers as layers
+from small4.kernels.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8_per_tensor
 from small4.kernels.fp8_linear import fp8_linear, fp8_linear_reference, quantize_activation, row_scale, supports
+from small4.kernels.registry import kernel_ops
 from small4.model.context import AttentionMetadata
-from small4.model.layers import Linear, fp8_fast_path
+from small4.model.layers import Linear
 from small4.weights.loader import load_model
-from small4.weights.quant import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8_per_tensor
 from small4.weights.tiny import TinySpec, make_tiny
 
 FP32_TOL = 1e-5
@@ -132,7 +133,7 @@ def test_linear_falls_back_to_exact_dequant(fast, shape, scale_shape):
     lin.weight = torch.nn.Parameter((torch.randn(n, k, generator=g) * 4).to(FP8_DTYPE), requires_grad=False)
     lin.weight_scale = torch.rand(scale_shape, generator=g) + 0.5
     x = torch.randn(5, k, generator=g)
-    assert fp8_fast_path(x.device) and not supports(lin.weight, lin.weight_scale)
+    assert lin.ops.fp8_linear and not supports(lin.weight, lin.weight_scale)
     assert torch.equal(lin(x), F.linear(x, dequantize_fp8(lin.weight, lin.weight_scale, torch.float32)))
 
 
@@ -153,16 +154,21 @@ def test_linear_reference_path_is_the_old_dequant(reference):
     g = torch.Generator().manual_seed(5)
     lin = _fp8_linear_module(48, 64, g, input_scale=torch.tensor(0.02))
     x = torch.randn(7, 64, generator=g).to(torch.bfloat16)
-    assert not fp8_fast_path(x.device)
+    assert not lin.ops.fp8_linear
     assert torch.equal(lin(x), F.linear(x, dequantize_fp8(lin.weight, lin.weight_scale, torch.bfloat16)))
 
 
 def test_selection_follows_kernel_backend(monkeypatch):
+    """A linear built on the CPU takes FP8 through ``fp8_linear`` only where the Triton kernels are forced; the model
+    chooses again, once, for the device it is placed on (``set_backend``), and the choice stays on the module."""
     monkeypatch.delenv("SMALL4_KERNELS", raising=False)
-    assert not fp8_fast_path(torch.device("cpu"))  # auto: reference on CPU
+    assert not Linear(16, 16).ops.fp8_linear  # auto: reference on CPU
     monkeypatch.setenv("SMALL4_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert fp8_fast_path(torch.device("cpu"))
+    lin = Linear(16, 16)
+    assert lin.ops.fp8_linear
+    monkeypatch.setenv("SMALL4_KERNELS", "reference")
+    assert lin.ops.fp8_linear  # read at build, not in forward
 
 
 def test_cached_scale_follows_a_replaced_scale(fast):
@@ -195,9 +201,15 @@ def _three_runs(model, monkeypatch) -> dict:
         errors[id(weight)] = _rel_norm(out, F.linear(x, dequantize_fp8(weight, scale, x.dtype)))
         return out
 
-    monkeypatch.setattr(layers, "fp8_fast_path", lambda device: False)
+    def linears_on(backend: str) -> None:
+        ops = kernel_ops(backend)
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.ops = ops
+
+    linears_on("reference")
     ref = _logits(model)
-    monkeypatch.setattr(layers, "fp8_fast_path", lambda device: True)
+    linears_on("triton")
     monkeypatch.setattr(layers, "fp8_linear", fp8_linear_reference)
     twin = _logits(model)
     monkeypatch.setattr(layers, "fp8_linear", checked)

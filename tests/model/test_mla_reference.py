@@ -42,8 +42,9 @@ def test_padded_decode_equals_loop(block_size, seq_lens, device):
     )
     q_latent, q_rope, cache = q_latent.to(device), q_rope.to(device), cache.to(device)
     meta.block_tables, meta.slot_mapping = meta.block_tables.to(device), meta.slot_mapping.to(device)
-    padded = decode_attention_padded(q_latent, q_rope, cache, meta, 0.3)
-    loop = attention_per_sequence(q_latent, q_rope, None, cache, meta, 0.3)
+    padded = decode_attention_padded(q_latent, q_rope, cache, meta.block_tables, meta.seq_lens, 0.3)
+    plan = (meta.block_tables, meta.query_start_loc, meta.seq_lens, 0.3)
+    loop = attention_per_sequence(q_latent, q_rope, None, cache, *plan)
     assert torch.allclose(padded, loop, atol=1e-5, rtol=1e-5)
     if max(seq_lens) > 1:  # the comparison can fail: flipping the rope queries changes the answer
-        assert not torch.allclose(padded, attention_per_sequence(q_latent, -q_rope, None, cache, meta, 0.3), atol=1e-3)
+        assert not torch.allclose(padded, attention_per_sequence(q_latent, -q_rope, None, cache, *plan), atol=1e-3)

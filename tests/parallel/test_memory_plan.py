@@ -9,7 +9,7 @@ import pytest
 
 from small4.bench.synthetic import FULL_SPEC
 from small4.cli import main
-from small4.config import ModelConfig
+from small4.config import load_model_config
 from small4.parallel.config import ParallelConfig
 from small4.parallel.memory import plan_rank
 from small4.weights.tiny import hf_config
@@ -26,7 +26,7 @@ def real_dir(tmp_path_factory):
 
 
 def test_one_gpu_cannot_hold_it_and_the_cache_is_replicated(real_dir):
-    one = plan_rank(ModelConfig.from_dir(real_dir), ParallelConfig(1, 1), 80 * GiB)
+    one = plan_rank(load_model_config(real_dir), ParallelConfig(1, 1), 80 * GiB)
     assert 118.5e9 < one.total_parameters == one.parameters < 120e9  # "119B"
     assert 119e9 < one.weight_bytes < 122e9  # FP8 experts and attention, BF16 embeddings, head and vision
     assert not one.fits and one.max_context == 0

@@ -27,7 +27,7 @@ PROMPTS = ["the quick brown fox", "a b c", "one two three four five six"]
 
 
 def greedy(runner: ModelRunner, tokenizer: Tokenizer) -> list[list[int]]:
-    engine = Engine.from_runner(runner, tokenizer)  # captures the decode graphs (on every rank when split)
+    engine = Engine(runner, tokenizer)  # captures the decode graphs (on every rank when split)
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(str(i), tokenizer.encode(prompt, bos=True), SamplingParams(temperature=0, max_tokens=12))
     out: dict[str, list[int]] = {str(i): [] for i in range(len(PROMPTS))}
@@ -43,7 +43,7 @@ def test_captured_graphs_per_rank_match_one_gpu(tmp_path, device, split):
         pytest.skip("needs two CUDA devices (one NCCL rank each)")
     model_dir = make_tiny(tmp_path / "tiny")
     tokenizer = Tokenizer.from_file(model_dir)
-    single = ModelRunner.from_model(load_model(model_dir, torch.float32, device="cuda", progress=False), ENGINE)
+    single = ModelRunner(load_model(model_dir, torch.float32, device="cuda", progress=False), ENGINE)
     want = greedy(single, tokenizer)
     assert single.decode_graphs is not None and single.decode_graphs.graphs  # the one-GPU side is graphed too
     failures: list[str] = []

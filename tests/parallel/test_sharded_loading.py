@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from small4.config import ModelConfig
+from small4.config import load_model_config
 from small4.parallel.config import ParallelConfig
 from small4.parallel.loading import load_sharded_model
 from small4.parallel.plan import ShardPlan
@@ -47,7 +47,7 @@ def _is_split(name: str, scalar: bool) -> bool:
 @pytest.mark.parametrize("layout,quant", [("hf", "none"), ("hf", "fp8"), ("mistral", "fp8"), ("mistral", "nvfp4")])
 def test_each_rank_reads_only_its_share(tmp_path, layout, quant):
     model_dir = make_tiny(tmp_path / "tiny", layout=layout, quant=quant)
-    config = ModelConfig.from_dir(model_dir)
+    config = load_model_config(model_dir)
     sizes = _tensor_bytes(model_dir)
     split = sum(b for n, b in sizes.items() if _is_split(n, scalar=b <= 4))
     whole = sum(sizes.values()) - split
@@ -77,7 +77,7 @@ def test_nvfp4_experts_are_cut_in_packed_bytes_and_scale_blocks(tmp_path, split)
     """NVFP4 experts kept 4-bit: under TP each rank's gate and up rows and its down projection's input columns
     (bytes of two values, scale blocks of 16) of every expert, under EP whole experts; divisors replicated."""
     model_dir = make_tiny(tmp_path / "tiny", layout="mistral", quant="nvfp4")
-    config = ModelConfig.from_dir(model_dir)
+    config = load_model_config(model_dir)
     full = load_model(model_dir, torch.float32, keep_nvfp4=True, progress=False).layers[1].mlp.experts
     I = config.text.moe_intermediate_size
     for rank in range(2):
@@ -106,6 +106,6 @@ def test_nvfp4_split_inside_a_scale_block_is_refused(tmp_path):
     from small4.config import ConfigError
 
     model_dir = make_tiny(tmp_path / "tiny", layout="mistral", quant="nvfp4")
-    config = ModelConfig.from_dir(model_dir)
+    config = load_model_config(model_dir)
     with pytest.raises(ConfigError, match="16-value scale blocks"):  # 32 columns over 4 ranks: 8 each
         load_sharded_model(model_dir, ShardPlan(config.text, ParallelConfig(4, 1), 0), dtype=torch.float32)

@@ -54,7 +54,7 @@ def checkpoints(tmp_path_factory):
 
 
 def greedy(runner: ModelRunner, tokenizer: Tokenizer, static_graphs: bool = False) -> list[list[int]]:
-    engine = Engine.from_runner(runner, tokenizer)
+    engine = Engine(runner, tokenizer)
     if static_graphs:  # the decode-graph protocol without capture (gloo): every rank replays the static buffers
         runner.prepare_decode_graphs(engine.max_model_len, 4, capture=False)
     for i, prompt in enumerate(PROMPTS):
@@ -79,7 +79,7 @@ def prefill_logits(runner: ModelRunner, tokenizer: Tokenizer, prompts: list[str]
 def test_parallel_matches_one_process(session, checkpoints, layout, fp8, keep):
     model_dir = checkpoints[(layout, fp8)]
     tokenizer = Tokenizer.from_file(model_dir)
-    single = ModelRunner.from_model(load_model(model_dir, torch.float32, keep_fp8=keep, progress=False), ENGINE)
+    single = ModelRunner(load_model(model_dir, torch.float32, keep_fp8=keep, progress=False), ENGINE)
     want_tokens, want_logits = greedy(single, tokenizer), prefill_logits(single, tokenizer)
     assert all(len(t) == 8 for t in want_tokens)
     for name, split in SPLITS.items():
@@ -103,7 +103,7 @@ def test_decode_graph_steps_match_one_process(session, checkpoints, split):
     the ladder, the collectives inside) give the one-process greedy tokens."""
     model_dir = checkpoints[("hf", False)]
     tokenizer = Tokenizer.from_file(model_dir)
-    single = ModelRunner.from_model(load_model(model_dir, torch.float32, progress=False), ENGINE)
+    single = ModelRunner(load_model(model_dir, torch.float32, progress=False), ENGINE)
     want = greedy(single, tokenizer)
     runner = session.load(model_dir, ENGINE, SPLITS[split])
     assert greedy(runner, tokenizer, static_graphs=True) == want

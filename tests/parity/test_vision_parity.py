@@ -89,7 +89,7 @@ def _hf_pixels(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _our_embeds(model, ids: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
     per_image = model.vision(images)
-    assert [len(e) for e in per_image] == [model.vision.num_tokens(i.shape[1], i.shape[2]) for i in images]
+    assert [len(e) for e in per_image] == [model.config.vision.tokens_per_image(i.shape[1], i.shape[2]) for i in images]
     positions = (ids == model.config.vision.image_token_id).nonzero().squeeze(1)  # [N] the [IMG] slots
     assert len(positions) == sum(len(e) for e in per_image)
     return model.embed(ids, torch.cat(per_image), positions)

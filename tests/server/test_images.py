@@ -116,7 +116,7 @@ def test_too_many_images_and_oversized_body(server):
 
 def test_engine_prefix_cache_keys_images_by_content(tiny_model_dir):
     """Same tokens, different pixels: the second request must not reuse the first one's image blocks."""
-    engine = Engine(tiny_model_dir, EngineConfig(block_size=4))
+    engine = Engine.from_model_dir(tiny_model_dir, EngineConfig(block_size=4))
     vision = engine.runner.config.vision
     pixels = torch.randn(3, 56, 56, generator=torch.Generator().manual_seed(0))
     slots = vision.tokens_per_image(56, 56)
@@ -147,7 +147,7 @@ def test_chunk_boundaries_inside_an_image_do_not_change_outputs(tiny_model_dir, 
     pixels = torch.randn(3, 112, 84, generator=torch.Generator().manual_seed(1))
 
     def run(cfg: EngineConfig) -> list[int]:
-        engine = Engine(tiny_model_dir, cfg)
+        engine = Engine.from_model_dir(tiny_model_dir, cfg)
         vision = engine.runner.config.vision
         prompt = [1, 3, 1200] + [vision.image_token_id] * vision.tokens_per_image(112, 84) + [13, 1300, 4]
         engine.add_request(

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from small4.config import ConfigError, ModelConfig
+from small4.config import ConfigError, parse_hf_config, parse_mistral_params
+from small4.kernels.fp8 import FP8_DTYPE
 from small4.model.context import AttentionMetadata
 from small4.weights.loader import CheckpointError, load_model
-from small4.weights.quant import FP8_DTYPE
 from small4.weights.tiny import TinySpec, hf_config, make_tiny
 
 SMALL = TinySpec(num_layers=1, num_experts=4, num_bpe_ranks=300)
@@ -110,7 +110,7 @@ def test_config_errors_name_the_field(edit, field):
     cfg = hf_config(SMALL, fp8=False)
     edit(cfg)
     with pytest.raises(ConfigError, match=field):
-        ModelConfig.from_hf_dict(cfg)
+        parse_hf_config(cfg)
 
 
 def test_native_config_errors_name_the_field():
@@ -119,11 +119,11 @@ def test_native_config_errors_name_the_field():
     params = mistral_params(SMALL, fp8=False)
     params["moe"]["num_expert_groups"] = 4
     with pytest.raises(ConfigError, match="moe.num_expert_groups"):
-        ModelConfig.from_mistral_dict(params)
+        parse_mistral_params(params)
     params = mistral_params(SMALL, fp8=False)
     params["quantization"] = {"qformat_weight": "int4"}
     with pytest.raises(ConfigError, match="qformat_weight"):
-        ModelConfig.from_mistral_dict(params)
+        parse_mistral_params(params)
 
 
 @pytest.mark.parametrize("layout", ["hf", "mistral"])

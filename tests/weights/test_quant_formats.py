@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from small4.config import ConfigError
+from small4.kernels.fp8 import dequantize_fp8, quantize_fp8_blocks
 from small4.model.context import AttentionMetadata
 from small4.weights.loader import CheckpointError, load_model
-from small4.weights.quant import dequantize_fp8, quantize_fp8_blocks
 from small4.weights.tiny import TinySpec, make_tiny
 
 

@@ -1,4 +1,7 @@
-"""FP8 (e4m3) weights with scales: dequantise on CPU, quantise for the tiny checkpoints.
+"""FP8 (e4m3) weights with scales: dequantise, and quantise (for the tiny checkpoints and the benchmarks).
+
+Plain PyTorch, and a leaf: the model (dequantising linears and experts), the weight loader and the FP8 kernels all
+need this math, so it lives below all three and imports none of them.
 
 A scale tensor of shape ``[..., so, si]`` (or a scalar) covers the weight ``[..., out, in]``: a scalar is
 per-tensor, ``[E, 2, 1]`` is per expert and per half of a fused gate/up matrix (``so`` equal row groups).

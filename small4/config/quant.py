@@ -12,18 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from small4.config import ConfigError, QuantConfig, _require
+from small4.config.model import ConfigError, QuantConfig, require
 
 NVFP4_FORMAT = "nvfp4-pack-quantized"
 
 
 def parse_hf_fp8(q: dict[str, Any]) -> QuantConfig:
     scheme = q.get("activation_scheme", "dynamic")
-    _require(scheme in ("static", "dynamic"), "quantization_config.activation_scheme", f"unknown {scheme!r}")
+    require(scheme in ("static", "dynamic"), "quantization_config.activation_scheme", f"unknown {scheme!r}")
     block = q.get("weight_block_size")
     if block is not None:
         ok = isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
-        _require(ok, "quantization_config.weight_block_size", f"must be two positive ints, got {block!r}")
+        require(ok, "quantization_config.weight_block_size", f"must be two positive ints, got {block!r}")
     return QuantConfig(
         method="fp8",
         activation_scheme=scheme,
@@ -54,7 +54,7 @@ def _unsupported(fmt: object) -> ConfigError:
 def parse_compressed_tensors(q: dict[str, Any], where: str = "quantization_config") -> QuantConfig:
     top_format = q.get("format")
     groups = q.get("config_groups") or {}
-    _require(isinstance(groups, dict) and groups, f"{where}.config_groups", "missing or empty")
+    require(isinstance(groups, dict) and groups, f"{where}.config_groups", "missing or empty")
     targets: list[str] = []
     for name, group in groups.items():
         fmt = group.get("format") or top_format
@@ -62,13 +62,13 @@ def parse_compressed_tensors(q: dict[str, Any], where: str = "quantization_confi
             raise _unsupported(fmt)
         _check_nvfp4_args(group.get("weights"), f"{where}.config_groups.{name}.weights", required=True)
         _check_nvfp4_args(group.get("input_activations"), f"{where}.config_groups.{name}.input_activations")
-        _require(
+        require(
             group.get("output_activations") is None,
             f"{where}.config_groups.{name}.output_activations",
             "output quantisation is not supported",
         )
         targets += [str(t) for t in group.get("targets") or ()]
-    _require(q.get("kv_cache_scheme") is None, f"{where}.kv_cache_scheme", "a quantised KV cache is not supported")
+    require(q.get("kv_cache_scheme") is None, f"{where}.kv_cache_scheme", "a quantised KV cache is not supported")
     return QuantConfig(
         method="nvfp4",
         activation_scheme="static",
@@ -80,7 +80,7 @@ def parse_compressed_tensors(q: dict[str, Any], where: str = "quantization_confi
 def _check_nvfp4_args(args: dict[str, Any] | None, field_name: str, required: bool = False) -> None:
     """NVFP4 quantisation args: 4-bit float, symmetric, tensor_group strategy over 16 values."""
     if args is None:
-        _require(not required, field_name, "missing")
+        require(not required, field_name, "missing")
         return
     got = (args.get("num_bits"), args.get("type"), args.get("group_size"))
     if got != (4, "float", 16):
@@ -89,8 +89,8 @@ def _check_nvfp4_args(args: dict[str, Any] | None, field_name: str, required: bo
             f"num_bits={got[0]}, type={got[1]}, group_size={got[2]}"
         )
     strategy = args.get("strategy", "tensor_group")
-    _require(strategy == "tensor_group", field_name, f"strategy must be 'tensor_group', got {strategy!r}")
-    _require(args.get("symmetric", True), field_name, "asymmetric NVFP4 is not supported")
+    require(strategy == "tensor_group", field_name, f"strategy must be 'tensor_group', got {strategy!r}")
+    require(args.get("symmetric", True), field_name, "asymmetric NVFP4 is not supported")
 
 
 def parse_native_quantization(q: dict[str, Any] | None) -> QuantConfig:
@@ -101,5 +101,5 @@ def parse_native_quantization(q: dict[str, Any] | None) -> QuantConfig:
     if fmt != "fp8_e4m3":
         raise ConfigError(f"config field 'quantization.qformat_weight': only 'fp8_e4m3' is supported, got {fmt!r}")
     scheme = q.get("qscheme_act", "TENSOR")
-    _require(scheme == "TENSOR", "quantization.qscheme_act", f"only 'TENSOR' is supported, got {scheme!r}")
+    require(scheme == "TENSOR", "quantization.qscheme_act", f"only 'TENSOR' is supported, got {scheme!r}")
     return QuantConfig(method="fp8", activation_scheme="static")

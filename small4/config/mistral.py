@@ -4,21 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from small4.config import (
-    ConfigError,
-    ModelConfig,
-    QuantConfig,
-    RopeConfig,
-    TextConfig,
-    VisionConfig,
-    _require,
-)
-from small4.config_quant import parse_native_quantization, parse_quantization_config
+from small4.config.model import ConfigError, ModelConfig, QuantConfig, RopeConfig, TextConfig, VisionConfig, require
+from small4.config.quant import parse_native_quantization, parse_quantization_config
+from small4.config.vision import parse_vision
 
 
 def parse_mistral_params(p: dict[str, Any]) -> ModelConfig:
     for key in ("dim", "n_layers", "n_heads", "vocab_size", "kv_lora_rank", "moe"):
-        _require(key in p, key, "missing from params.json")
+        require(key in p, key, "missing from params.json")
     moe = p["moe"]
     for name, want in (
         ("first_k_dense_replace", 0),
@@ -26,11 +19,11 @@ def parse_mistral_params(p: dict[str, Any]) -> ModelConfig:
         ("num_expert_groups", 1),
         ("num_expert_groups_per_tok", 1),
     ):
-        _require(moe.get(name, want) == want, f"moe.{name}", f"only {want} is supported, got {moe.get(name)}")
-    _require(p.get("n_kv_heads", p["n_heads"]) == p["n_heads"], "n_kv_heads", "MLA needs n_kv_heads == n_heads")
+        require(moe.get(name, want) == want, f"moe.{name}", f"only {want} is supported, got {moe.get(name)}")
+    require(p.get("n_kv_heads", p["n_heads"]) == p["n_heads"], "n_kv_heads", "MLA needs n_kv_heads == n_heads")
     nope, rope_dim = p.get("qk_nope_head_dim", 64), p.get("qk_rope_head_dim", 64)
     if p.get("head_dim") is not None:
-        _require(p["head_dim"] == nope + rope_dim, "head_dim", f"must equal {nope + rope_dim}")
+        require(p["head_dim"] == nope + rope_dim, "head_dim", f"must equal {nope + rope_dim}")
     text = TextConfig(
         vocab_size=p["vocab_size"],
         hidden_size=p["dim"],
@@ -99,18 +92,10 @@ def _parse_rope(p: dict[str, Any]) -> RopeConfig:
 
 
 def _parse_vision(v: dict[str, Any]) -> VisionConfig:
-    hidden, heads = v.get("hidden_size", 1024), v.get("num_attention_heads", 16)
-    return VisionConfig(
-        hidden_size=hidden,
-        intermediate_size=v.get("intermediate_size", 4096),
-        num_layers=v.get("num_hidden_layers", 24),
-        num_heads=heads,
-        head_dim=v.get("head_dim", hidden // heads),
-        num_channels=v.get("num_channels", 3),
-        patch_size=v.get("patch_size", 14),
-        image_size=v.get("image_size", 1540),
-        rope_theta=float(v.get("rope_theta", 10000.0)),
-        hidden_act=v.get("hidden_act", "silu"),
+    """params.json keeps everything in ``vision_encoder``; the projector's bias is ``adapter_bias``."""
+    return parse_vision(
+        v,
+        rope_theta=v.get("rope_theta", 10000.0),
         spatial_merge_size=v.get("spatial_merge_size", 2),
         image_token_id=v.get("image_token_id", 10),
         projector_bias=bool(v.get("adapter_bias", False)),

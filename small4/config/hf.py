@@ -1,28 +1,22 @@
 """HF layout: ``config.json`` of ``Mistral3ForConditionalGeneration`` (or a bare ``mistral4`` text config).
 
 The softmax scale read from here is the plain one (``yarn_softmax_mscale`` False) whatever ``mscale_all_dim``
-says; ``ModelConfig.from_dir`` lets a ``params.json`` beside it, or the serve flag, decide otherwise.
+says; ``config.load.load_model_config`` lets a ``params.json`` beside it, or the serve flag, decide otherwise.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from small4.config import (
-    ConfigError,
-    ModelConfig,
-    RopeConfig,
-    TextConfig,
-    VisionConfig,
-    _require,
-)
-from small4.config_quant import parse_quantization_config
+from small4.config.model import ConfigError, ModelConfig, RopeConfig, TextConfig, VisionConfig, require
+from small4.config.quant import parse_quantization_config
+from small4.config.vision import parse_vision
 
 
 def parse_hf_config(cfg: dict[str, Any]) -> ModelConfig:
     model_type = cfg.get("model_type")
     if model_type == "mistral3":
-        _require("text_config" in cfg, "text_config", "missing for model_type 'mistral3'")
+        require("text_config" in cfg, "text_config", "missing for model_type 'mistral3'")
         text_cfg = cfg["text_config"]
         vision = _parse_vision(cfg["vision_config"], cfg) if cfg.get("vision_config") else None
         tie = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
@@ -37,20 +31,20 @@ def parse_hf_config(cfg: dict[str, Any]) -> ModelConfig:
 
 def _parse_text(c: dict[str, Any], tie: bool) -> TextConfig:
     mt = c.get("model_type", "mistral4")
-    _require(mt == "mistral4", "text_config.model_type", f"expected 'mistral4', got {mt!r}")
+    require(mt == "mistral4", "text_config.model_type", f"expected 'mistral4', got {mt!r}")
     heads = c.get("num_attention_heads", 32)
-    _require(
+    require(
         c.get("num_key_value_heads") in (None, heads),
         "text_config.num_key_value_heads",
         "MLA needs num_key_value_heads == num_attention_heads",
     )
     for name, want in (("n_group", 1), ("topk_group", 1), ("first_k_dense_replace", 0)):
-        _require(c.get(name) in (None, want), f"text_config.{name}", f"only {want} is supported, got {c.get(name)}")
-    _require(c.get("hidden_act", "silu") == "silu", "text_config.hidden_act", "only 'silu' is supported")
-    _require(not c.get("attention_bias", False), "text_config.attention_bias", "biases are not supported")
+        require(c.get(name) in (None, want), f"text_config.{name}", f"only {want} is supported, got {c.get(name)}")
+    require(c.get("hidden_act", "silu") == "silu", "text_config.hidden_act", "only 'silu' is supported")
+    require(not c.get("attention_bias", False), "text_config.attention_bias", "biases are not supported")
     nope, rope_dim = c.get("qk_nope_head_dim", 64), c.get("qk_rope_head_dim", 64)
     if c.get("head_dim") is not None:
-        _require(
+        require(
             c["head_dim"] == nope + rope_dim,
             "text_config.head_dim",
             f"must equal qk_nope_head_dim + qk_rope_head_dim = {nope + rope_dim}",
@@ -102,7 +96,7 @@ _MISTRAL4_DEFAULT_ROPE = {
 def _parse_rope(c: dict[str, Any]) -> RopeConfig:
     rp = dict(c.get("rope_parameters") or c.get("rope_scaling") or _MISTRAL4_DEFAULT_ROPE)
     rope_type = rp.get("rope_type", rp.get("type", "default"))
-    _require(
+    require(
         rope_type in ("yarn", "default"),
         "text_config.rope_parameters.rope_type",
         f"only 'yarn' and 'default' are supported, got {rope_type!r}",
@@ -127,20 +121,13 @@ def _parse_rope(c: dict[str, Any]) -> RopeConfig:
 
 
 def _parse_vision(v: dict[str, Any], top: dict[str, Any]) -> VisionConfig:
-    _require(v.get("model_type", "pixtral") == "pixtral", "vision_config.model_type", "expected 'pixtral'")
-    hidden, heads = v.get("hidden_size", 1024), v.get("num_attention_heads", 16)
+    """HF keeps the merge size, the image token and the projector at the top level, the rope theta in
+    ``rope_parameters``."""
+    require(v.get("model_type", "pixtral") == "pixtral", "vision_config.model_type", "expected 'pixtral'")
     rp = v.get("rope_parameters") or {}
-    return VisionConfig(
-        hidden_size=hidden,
-        intermediate_size=v.get("intermediate_size", 4096),
-        num_layers=v.get("num_hidden_layers", 24),
-        num_heads=heads,
-        head_dim=v.get("head_dim", hidden // heads),
-        num_channels=v.get("num_channels", 3),
-        patch_size=v.get("patch_size", 14),
-        image_size=v.get("image_size", 1540),
-        rope_theta=float(rp.get("rope_theta", v.get("rope_theta", 10000.0))),
-        hidden_act=v.get("hidden_act", "silu"),
+    return parse_vision(
+        v,
+        rope_theta=rp.get("rope_theta", v.get("rope_theta", 10000.0)),
         spatial_merge_size=top.get("spatial_merge_size", 2),
         image_token_id=top.get("image_token_index", top.get("image_token_id", 10)),
         projector_hidden_act=top.get("projector_hidden_act", "gelu"),
