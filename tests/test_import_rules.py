@@ -55,6 +55,11 @@ EXCEPTIONS: dict[str, tuple[set[str], str]] = {
         "`small4 serve`'s process entry builds the engine it serves: the embedded default model, split over ranks "
         "(parallel/serving.py), or in its own process (core/)",
     ),
+    "small4.demo_model.heldout": (
+        {"server"},
+        "the held-out evaluation asks the real `small4 serve` (in this process, over loopback with the openai "
+        "client), so it measures what a user sees",
+    ),
 }
 
 # unit -> third-party top-level modules it must not import (None: only torch, triton and the standard library)

@@ -381,14 +381,17 @@ def serving(model_dir: Path) -> Iterator[str]:
 
     import httpx
 
-    from small4.cli import build_parser
-    from small4.server.serve import build_from_args, make_server
+    import argparse
+
+    from small4.server.serve import add_serve_arguments, build_from_args, make_server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = ["serve", str(model_dir), "--port", str(port), "--served-model-name", "demo", "--no-web-ui"]
-    args = build_parser("serve").parse_args(argv)
+    parser = argparse.ArgumentParser(prog="small4 serve")
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv[1:])
     app, ctx = build_from_args(args)
     server = make_server(app, ctx, "127.0.0.1", port, args.shutdown_timeout)
     thread = threading.Thread(target=server.run, daemon=True)
