@@ -27,7 +27,7 @@ from small4.chat.render import ChatRenderer, RenderedPrompt, RenderError
 from small4.engine.engine import TokenMaskFactory
 from small4.engine.multimodal import ImageInput
 from small4.engine.sampler import TokenLogprobs
-from small4.engine.token_mask import token_mask_provider
+from small4.engine.token_mask import GrammarMaskFactory, GrammarSpec, token_mask_provider
 from small4.server.context import ServerContext, Ticket, hold_until_done
 from small4.server.errors import APIError
 from small4.server.protocol import ChatCompletionRequest
@@ -136,7 +136,8 @@ class ChatHandler:
             return None
         compiled, make = grammar
         vocab = self.ctx.vocab_size
-        return lambda: token_mask_provider(make(compiled), vocab)
+        spec = GrammarSpec(compiled.text, triggered=make == self.grammars.triggered_matcher)  # for a separate core
+        return GrammarMaskFactory(spec, lambda: token_mask_provider(make(compiled), vocab))
 
     def _grammar(
         self, body: ChatCompletionRequest, rendered: RenderedPrompt
