@@ -18,16 +18,16 @@ import httpx
 import msgpack
 import pytest
 import torch
-from conftest import free_port, start_server, wait_healthy
 from PIL import Image
 
+from conftest import free_port, start_server, wait_healthy
 from small4.core import messages as m
 from small4.engine.async_engine import EngineStats
+from small4.engine.multimodal import ImageInput
 from small4.engine.outputs import RequestOutput
 from small4.engine.sampler import TokenLogprobs
 from small4.engine.sampling_params import SamplingParams
 from small4.engine.token_mask import GrammarSpec
-from small4.engine.multimodal import ImageInput
 from small4.server.serve import CORE_DIED_EXIT_CODE
 
 CALC = {
