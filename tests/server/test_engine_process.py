@@ -297,3 +297,68 @@ def test_killed_server_leaves_no_orphan_core(tiny_model_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_separate_with_tensor_parallel_is_refused():
+    from small4.cli import build_parser
+    from small4.server.serve import build_from_args
+
+    args = build_parser().parse_args(["serve", "unused", "-tp", "2", "--engine-process", "separate"])
+    with pytest.raises(ValueError, match="--engine-process separate"):
+        build_from_args(args)
+
+
+# ---- the core's loop in this process (the same EngineCore the core process runs) ------------------------------
+def _run_core(tiny_model_dir, inbox: list[list[m.Message]]) -> list[m.Message]:
+    from small4.config import EngineConfig
+    from small4.core.process import EngineCore
+    from small4.engine.engine import Engine
+
+    engine = Engine(tiny_model_dir, EngineConfig(block_size=4, kv_cache_memory=8 << 20, enforce_eager=True))
+    sent: list[m.Message] = []
+
+    def receive(timeout_ms):
+        return [m.decode(m.encode(msg)) for msg in inbox.pop(0)] if inbox else [m.Stop()]
+
+    assert EngineCore(engine, receive, lambda msg: sent.append(m.decode(m.encode(msg)))).run() == 0
+    return sent
+
+
+def test_core_rejects_bad_adds_and_aborts_a_request_whose_grammar_is_compiling(tiny_model_dir):
+    from small4.chat.grammar import GrammarCompiler
+    from small4.tokenizer import Tokenizer
+
+    compiler = GrammarCompiler(Tokenizer.from_file(tiny_model_dir).mistral)
+    grammar = compiler.grammar_for(_json_request())
+    params = SamplingParams(max_tokens=4, n=2)
+    sent = _run_core(
+        tiny_model_dir,
+        [
+            [
+                m.AddRequest("bad", [1, 10**6], params),  # outside the vocabulary: a ValueError, the server's 400
+                m.AddRequest("g", [1, 5], params, GrammarSpec(grammar)),
+                m.Abort("g"),  # while its grammar compiles: added, then aborted, so its stream ends as usual
+                m.AddRequest("broken", [1, 5], params, GrammarSpec("start: ???")),
+                m.AddRequest("ok", [1, 5], SamplingParams(max_tokens=3)),
+            ]
+        ],
+    )
+    batches = [b for b in sent if isinstance(b, m.StepBatch)]
+    assert isinstance(sent[-1], m.CoreExit) and sent[-1].error is None
+    rejected = {r.request_id: r for b in batches for r in b.rejected}
+    assert rejected["bad"].error == "value" and "prompt token ids" in rejected["bad"].message
+    assert "broken" in rejected and "grammar" in rejected["broken"].message
+    accepted = [rid for b in batches for rid in b.accepted]
+    assert sorted(accepted) == ["g", "ok"]
+    finished = {(o.request_id, o.index): o.finish_reason for b in batches for o in b.outputs if o.finished}
+    assert finished == {("g", 0): "abort", ("g", 1): "abort", ("ok", 0): "length"}
+    assert batches[-1].stats.num_running == 0 and batches[-1].stats.generation_tokens_total == 3
+
+
+def _json_request():
+    from mistral_common.protocol.instruct.messages import UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest, ResponseFormat, ResponseFormats
+
+    return ChatCompletionRequest(
+        messages=[UserMessage(content="JSON")], response_format=ResponseFormat(type=ResponseFormats.json_object)
+    )
