@@ -4,7 +4,8 @@ Every message is one msgpack map with ``v`` (``WIRE_VERSION``) and ``op``; ``dec
 presence and type, and rebuilds the dataclass, raising ``MessageError`` on anything else (never pickle: a peer
 can send only data, never code). Requests carry token ids, ``SamplingParams`` (every dataclass field by name, so
 a field added to ``SamplingParams`` crosses without an edit here), the grammar as its ``GrammarSpec`` (the lark
-text; the core compiles it and builds the matcher) and images as raw bytes + dtype + shape. Outputs travel batched:
+text; the core compiles it and builds the matcher) and images as raw bytes + dtype + shape. Outputs (and their
+logprobs) are arrays in field order, the hot path's compact form. Outputs travel batched:
 one ``StepBatch`` per loop iteration of the core (a step and the commands applied before it), holding every
 request's deltas, the adds it accepted or refused, the step failures and the stats.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ import torch
 from small4.engine.async_engine import EngineStats
 from small4.engine.multimodal import ImageInput
 from small4.engine.outputs import RequestOutput
+from small4.engine.sampler import TokenLogprobs
 from small4.engine.sampling_params import SamplingParams
 from small4.engine.token_mask import GrammarSpec
 
@@ -118,7 +121,8 @@ _OP_OF = {cls: op for op, cls in _OPS.items()}
 def encode(msg: Message) -> bytes:
     import msgpack
 
-    return msgpack.packb({"v": WIRE_VERSION, "op": _OP_OF[type(msg)], **_to_wire(msg)}, use_bin_type=True)
+    body = {"v": WIRE_VERSION, "op": _OP_OF[type(msg)], **_encoder(type(msg))(msg)}
+    return msgpack.packb(body, use_bin_type=True, default=_default)
 
 
 def decode(data: bytes) -> Message:
@@ -145,81 +149,160 @@ def decode(data: bytes) -> Message:
 
 
 # ---- dataclasses <-> plain maps -------------------------------------------------------------------------------
-def _to_wire(obj: Any) -> Any:
-    if isinstance(obj, ImageInput):
+def _default(obj: Any) -> Any:
+    """msgpack's hook for what it cannot pack itself: a dataclass becomes its map (or array), one level deep
+    (msgpack walks lists, tuples and maps in C and comes back here for nested dataclasses), an image its bytes."""
+    kind = type(obj)
+    if kind is ImageInput:
         return _image_to_wire(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_to_wire(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _to_wire(v) for k, v in obj.items()}
-    return obj
-
-
-def _from_wire(cls: type, raw: Any) -> Any:
-    """Rebuild dataclass ``cls`` from a map, checking each value against the field's type hint."""
-    if not isinstance(raw, dict):
-        raise MessageError(f"{cls.__name__} must be a map")
-    hints, names = _schema(cls)
-    unknown = set(raw) - names
-    if unknown:
-        raise MessageError(f"{cls.__name__} has unknown fields {sorted(unknown)}")
-    values = {name: _check(hints[name], raw[name], f"{cls.__name__}.{name}") for name in names if name in raw}
-    return cls(**values)
+        return _encoder(kind)(obj)
+    raise TypeError(f"{kind.__name__} cannot cross the wire")
 
 
 @functools.cache
-def _schema(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
-    """A dataclass's resolved field types and names, once per class (``get_type_hints`` evaluates annotations)."""
-    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+def _encoder(cls: type) -> typing.Callable[[Any], Any]:
+    """A dataclass's fields in one ``attrgetter`` call: a tuple (an array) or a map."""
+    names = _names(cls)
+    if not names:
+        return lambda obj: () if cls in _ARRAY_LIKE else {}
+    if len(names) == 1:
+        return lambda obj: (getattr(obj, names[0]),) if cls in _ARRAY_LIKE else {names[0]: getattr(obj, names[0])}
+    get = operator.attrgetter(*names)
+    if cls in _ARRAY_LIKE:
+        return get
+    return lambda obj: dict(zip(names, get(obj), strict=True))
 
 
-def _check(hint: Any, value: Any, where: str) -> Any:
-    """``value`` converted to ``hint`` (lists to tuples, maps to dataclasses), or ``MessageError``."""
+# Sent by the hundred per step: arrays in field order (vLLM's array_like structs), not maps. Both ends run the same
+# dataclass, so a field added to it crosses without an edit; WIRE_VERSION guards against a mismatched peer.
+_ARRAY_LIKE = frozenset({RequestOutput, TokenLogprobs})
+
+
+@functools.cache
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _from_wire(cls: type, raw: Any) -> Any:
+    """Rebuild dataclass ``cls`` from a map (an array for ``_ARRAY_LIKE``), checking each value against the field's
+    type hint."""
+    if cls in _ARRAY_LIKE:
+        checks, _ = _schema(cls)
+        if type(raw) is not list or len(raw) != len(checks):
+            raise MessageError(f"{cls.__name__} must be a list of its {len(checks)} fields")
+        return cls(*[check(v, where) for (_, where, check), v in zip(checks, raw, strict=True)])
+    if type(raw) is not dict:
+        raise MessageError(f"{cls.__name__} must be a map")
+    checks, names = _schema(cls)
+    if not raw.keys() <= names:
+        raise MessageError(f"{cls.__name__} has unknown fields {sorted(set(raw) - names)}")
+    return cls(**{name: check(raw[name], where) for name, where, check in checks if name in raw})
+
+
+@functools.cache
+def _schema(cls: type) -> tuple[tuple[tuple[str, str, Any], ...], frozenset[str]]:
+    """Per field of a dataclass: its name, where to say an error is, and its value checker; built once per class
+    (``get_type_hints`` evaluates the annotations, the checkers are closures per hint)."""
+    hints = typing.get_type_hints(cls)
+    checks = tuple((name, f"{cls.__name__}.{name}", _checker(hints[name])) for name in _names(cls))
+    return checks, frozenset(_names(cls))
+
+
+Checker = typing.Callable[[Any, str], Any]
+
+
+@functools.cache
+def _checker(hint: Any) -> Checker:
+    """A function ``(value, where) -> value`` converted to ``hint`` (lists to tuples, maps to dataclasses) that
+    raises ``MessageError`` for a value of another shape."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
-        return value
+        return lambda v, where: v
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        return _union_checker(args)
+    if hint is ImageInput:
+        return _image_from_wire
+    if dataclasses.is_dataclass(hint):
+        return lambda v, where: _from_wire(hint, v)
+    if origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
+        return _sequence_checker(_checker(args[0]) if args else None, args[0] if args else None, origin)
+    if origin is tuple:
+        items = [_checker(a) for a in args]
+
+        def fixed(v: Any, where: str) -> tuple:
+            if type(v) is not list or len(v) != len(items):
+                raise MessageError(f"{where} must be a list of {len(items)} items")
+            return tuple(c(x, where) for c, x in zip(items, v, strict=True))
+
+        return fixed
+    if origin is dict:
+        key, value = (_checker(a) for a in (args or (Any, Any)))
+
+        def mapping(v: Any, where: str) -> dict:
+            if type(v) is not dict:
+                raise MessageError(f"{where} must be a map")
+            return {key(k, where): value(x, where) for k, x in v.items()}
+
+        return mapping
+    return _scalar_checker(hint)
+
+
+def _union_checker(args: tuple[Any, ...]) -> Checker:
+    optional = type(None) in args
+    arms = [_checker(a) for a in args if a is not type(None)]
+
+    def union(v: Any, where: str) -> Any:
+        if v is None and optional:
             return None
         errors = []
-        for arm in (a for a in args if a is not type(None)):
+        for arm in arms:
             try:
-                return _check(arm, value, where)
+                return arm(v, where)
             except MessageError as e:
                 errors.append(str(e))
         raise MessageError("; ".join(errors) or f"{where} may not be None")
-    if hint is ImageInput:
-        return _image_from_wire(value, where)
-    if dataclasses.is_dataclass(hint):
-        return _from_wire(hint, value)
-    if origin in (list, tuple):
-        if not isinstance(value, list):
+
+    return union
+
+
+def _sequence_checker(item: Checker | None, item_hint: Any, origin: Any) -> Checker:
+    exact = item_hint if item_hint in (int, str) else None  # the hot cases (token ids): one type test per item
+
+    def sequence(v: Any, where: str) -> Any:
+        if type(v) is not list:
             raise MessageError(f"{where} must be a list")
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_check(args[0], v, where) for v in value)
-        if origin is tuple:
-            if len(value) != len(args):
-                raise MessageError(f"{where} must have {len(args)} items")
-            return tuple(_check(a, v, where) for a, v in zip(args, value, strict=True))
-        return [_check(args[0], v, where) for v in value] if args else value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise MessageError(f"{where} must be a map")
-        kt, vt = args or (Any, Any)
-        return {_check(kt, k, where): _check(vt, v, where) for k, v in value.items()}
-    return _scalar(hint, value, where)
+        if exact is not None:
+            if not all(type(x) is exact for x in v):
+                raise MessageError(f"{where} items must be {exact.__name__}")
+            out = v
+        else:
+            out = v if item is None else [item(x, where) for x in v]
+        return tuple(out) if origin is tuple else out
+
+    return sequence
 
 
-def _scalar(hint: Any, value: Any, where: str) -> Any:
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, bool):
-        raise MessageError(f"{where} must be int")
-    if isinstance(hint, type) and not isinstance(value, hint):
-        raise MessageError(f"{where} must be {hint.__name__}, not {type(value).__name__}")
-    return value
+def _scalar_checker(hint: Any) -> Checker:
+    if hint is float:
+
+        def number(v: Any, where: str) -> float:
+            if type(v) is float:
+                return v
+            if type(v) is int:
+                return float(v)
+            raise MessageError(f"{where} must be float, not {type(v).__name__}")
+
+        return number
+    if not isinstance(hint, type):
+        raise TypeError(f"no wire checker for {hint!r}")
+
+    def exact(v: Any, where: str) -> Any:
+        if type(v) is not hint:  # bool is not an int here, an int not a bool
+            raise MessageError(f"{where} must be {hint.__name__}, not {type(v).__name__}")
+        return v
+
+    return exact
 
 
 def _image_to_wire(image: ImageInput) -> dict[str, Any]:
