@@ -294,8 +294,17 @@ def _scalar_checker(hint: Any) -> Checker:
             raise MessageError(f"{where} must be float, not {type(v).__name__}")
 
         return number
-    if not isinstance(hint, type):
-        raise TypeError(f"no wire checker for {hint!r}")
+    if typing.get_origin(hint) is typing.Literal:
+        allowed = typing.get_args(hint)
+
+        def literal(v: Any, where: str) -> Any:
+            if v not in allowed:
+                raise MessageError(f"{where} must be one of {list(allowed)}")
+            return v
+
+        return literal
+    if not isinstance(hint, type):  # a hint this schema does not know: the dataclass's own validation decides
+        return lambda v, where: v
 
     def exact(v: Any, where: str) -> Any:
         if type(v) is not hint:  # bool is not an int here, an int not a bool
