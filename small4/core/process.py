@@ -74,7 +74,8 @@ class EngineCore:
                 if stopping and not busy and not self._pending:
                     break
                 batch = _Batch()
-                timeout = 0 if busy or stopping else (PENDING_POLL_MS if self._pending else None)
+                # never spin: while only grammar compiles are in flight, look at them every few ms
+                timeout = 0 if busy else (PENDING_POLL_MS if self._pending else None)
                 for msg in self._receive(timeout):
                     stopping |= self._apply(msg, batch)
                 self._admit_compiled(batch)
