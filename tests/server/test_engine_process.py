@@ -362,3 +362,19 @@ def _json_request():
     return ChatCompletionRequest(
         messages=[UserMessage(content="JSON")], response_format=ResponseFormat(type=ResponseFormats.json_object)
     )
+
+
+def test_engine_and_core_modules_import_without_zmq_and_msgpack():
+    code = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("zmq", "msgpack"):
+            raise ModuleNotFoundError(f"blocked: {name}", name=name)
+sys.meta_path.insert(0, Block())
+import small4.engine.async_engine, small4.engine.engine, small4.bench.serving
+import small4.core.messages, small4.core.client, small4.core.process
+assert not [m for m in sys.modules if m.split(".")[0] in ("zmq", "msgpack")]
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
