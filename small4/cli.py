@@ -71,7 +71,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from small4.bench import fullscale, host_overhead, load, offline, tune_moe
+    from small4.bench import fullscale, host_overhead, load, offline, serving, tune_moe
 
     p = sub.add_parser("bench", help="benchmarks that write JSON results")
     bench = p.add_subparsers(dest="bench_command", required=True)
@@ -80,6 +80,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     tune_moe.add_parser(bench)
     load.add_parser(bench)
     host_overhead.add_parser(bench)
+    serving.add_parser(bench)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

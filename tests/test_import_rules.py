@@ -33,7 +33,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "engine": BASE | {"kernels", "model", "weights", "spec"},  # never server / chat
     "spec": BASE | {"kernels", "model", "weights", "engine"},  # speculative decoding: a peer of engine
     "parallel": BASE | {"kernels", "model", "weights", "engine"},
-    "core": BASE | {"engine"},  # the engine core in its own process (w14): below the server, never chat
+    # the engine core in its own process: below the server; it compiles a request's grammar spec (chat/grammar.py)
+    # because a matcher cannot cross the process boundary
+    "core": BASE | {"engine", "chat"},
     "chat": {"tokenizer", "config", "_face"},  # the conversation protocol: never torch (EXTERNAL below)
     "server": BASE | {"engine", "chat"},  # HTTP only: the engine through its face (FACE_ONLY), and chat
     "demo_model": BASE | {"kernels", "model", "weights", "engine", "chat"},

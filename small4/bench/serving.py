@@ -142,3 +142,171 @@ def _summarise(timelines: list[_Timeline], wall: float) -> dict[str, Any]:
         "tpot": percentiles(tpot),
         "itl": percentiles(itl),
     }
+
+
+# ---- `small4 bench serving`: the HTTP server, engine inline vs in its own process ------------------------------------
+def add_parser(sub: Any) -> None:
+    from small4.bench.results import int_list, positive_int
+
+    p = sub.add_parser(
+        "serving", help="streams through a real server: engine in the API process vs its own process, side by side"
+    )
+    p.add_argument("--model", default=None, help="checkpoint directory (default: a tiny random one, seed 7)")
+    p.add_argument("--modes", default="inline,separate", help="--engine-process values to run, in order")
+    p.add_argument("--concurrency", type=int_list, default=[1, 16, 64])
+    p.add_argument("--input-len", type=positive_int, default=32)
+    p.add_argument("--output-len", type=positive_int, default=64)
+    p.add_argument("--rounds", type=positive_int, default=2, help="requests per stream slot at each concurrency")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="result path (default bench/results/serving-<time>.json)")
+    p.set_defaults(func=run_http)
+
+
+def run_http(args: Any) -> int:
+    """Each mode: ``small4 serve`` as a subprocess, a warm-up request, then a closed loop of streamed completions
+    per concurrency (EOS ignored, ``output_len`` tokens each, random prompts); client-side TTFT / ITL, output tok/s,
+    and the CPU seconds the API process and the core process spent (``/proc``), per output token."""
+    import json
+
+    from small4.bench.results import write_result
+
+    model_dir = args.model
+    if model_dir is None:
+        from small4.weights.tiny import make_tiny
+
+        model_dir = str(make_tiny(tempfile.mkdtemp(prefix="small4-bench-serving-"), layout="hf", seed=7))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    results: dict[str, Any] = {mode: _bench_mode(model_dir, mode, args) for mode in modes}
+    if {"inline", "separate"} <= set(results):
+        results["separate_over_inline"] = {
+            str(c): {
+                key: _ratio(results["separate"][str(c)], results["inline"][str(c)], key)
+                for key in ("output_tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "api_cpu_us_per_token")
+            }
+            for c in args.concurrency
+        }
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "argv")} | {"model": model_dir}
+    path = write_result("serving", config, {"results": results}, args.out, device=args.device)
+    print(json.dumps(results.get("separate_over_inline", results), indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    return round(a[key] / b[key], 3) if a.get(key) and b.get(key) else None
+
+
+def _bench_mode(model_dir: str, mode: str, args: Any) -> dict[str, Any]:
+    import asyncio
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "small4.cli", "serve", model_dir, "--port", str(port), "--engine-process", mode]
+    cmd += ["--device", args.device, "--max-num-seqs", str(max(args.concurrency)), "--kv-cache-memory", "256MiB"]
+    cmd += ["--max-queue", "1024", "--no-web-ui", "--max-model-len", str(args.input_len + args.output_len + 8)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(base, proc)
+        pids = [proc.pid, *_children(proc.pid)]
+        out: dict[str, Any] = {}
+        asyncio.run(_closed_loop_http(base, args, 1, 1, seed=-1))  # warm-up
+        for c in args.concurrency:
+            cpu_before = [_cpu_s(pid) for pid in pids]
+            summary = asyncio.run(_closed_loop_http(base, args, c, c * args.rounds, seed=c))
+            cpu = [after - before for after, before in zip((_cpu_s(pid) for pid in pids), cpu_before, strict=True)]
+            tokens = summary["output_tokens"]
+            summary["api_cpu_us_per_token"] = round(1e6 * cpu[0] / tokens, 1) if tokens else None
+            summary["core_cpu_us_per_token"] = round(1e6 * cpu[1] / tokens, 1) if tokens and len(cpu) > 1 else None
+            out[str(c)] = summary
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_healthy(base: str, proc: Any, timeout_s: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the server did not become healthy")
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) from /proc."""
+    import os
+    from pathlib import Path
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _closed_loop_http(base: str, args: Any, concurrency: int, num_requests: int, seed: int) -> dict[str, Any]:
+    import asyncio
+    import json
+    import random
+
+    import httpx
+
+    rng = random.Random(seed)
+    timelines: list[_Timeline] = []
+    tokens = [0]
+    todo = iter(range(num_requests))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for _ in todo:
+            prompt = [1] + [rng.randrange(1000, 3000) for _ in range(args.input_len - 1)]
+            body = {"prompt": prompt, "max_tokens": args.output_len, "ignore_eos": True, "temperature": 0}
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+            line_times = _Timeline(time.perf_counter())
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[5:])
+                    if chunk.get("usage"):
+                        tokens[0] += chunk["usage"]["completion_tokens"]
+                    if chunk["choices"] and chunk["choices"][0]["text"]:
+                        line_times.token_times.append(time.perf_counter())
+            timelines.append(line_times)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    ttft = [t.token_times[0] - t.arrival for t in timelines if t.token_times]
+    itl = [b - a for t in timelines for a, b in zip(t.token_times, t.token_times[1:], strict=False)]
+    return {
+        "num_requests": num_requests,
+        "wall_s": round(wall, 3),
+        "output_tokens": tokens[0],
+        "output_tokens_per_s": round(tokens[0] / wall, 1) if wall > 0 else None,
+        "ttft_p50_ms": percentiles(ttft)["p50_ms"],
+        "itl_p50_ms": percentiles(itl)["p50_ms"],
+        "ttft": percentiles(ttft),
+        "itl": percentiles(itl),
+    }

@@ -376,12 +376,11 @@ def check(case: Case, reply: dict[str, Any]) -> dict[str, bool]:
 def serving(model_dir: Path) -> Iterator[str]:
     """``small4 serve MODEL_DIR`` in this process (uvicorn in a thread on a free loopback port); yields the base
     URL, stops the server on exit."""
+    import argparse
     import socket
     import threading
 
     import httpx
-
-    import argparse
 
     from small4.server.serve import add_serve_arguments, build_from_args, make_server
 

@@ -32,6 +32,8 @@ _FACE = {
     "MAX_TOP_LOGPROBS": "sampling_params",
     "SamplingParams": "sampling_params",
     "token_mask_provider": "token_mask",
+    "GrammarMaskFactory": "token_mask",
+    "GrammarSpec": "token_mask",
 }
 
 __all__ = sorted(_FACE)

@@ -8,6 +8,7 @@ never imports ``chat/``, so the matcher is typed here by its protocol only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -40,3 +41,25 @@ def token_mask_provider(matcher: BitmaskMatcher, vocab_size: int) -> Callable[[l
         return None if bitmask is None else bitmask_to_bool(bitmask, vocab_size)
 
     return provider
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a grammar mask is built from, as data: the lark grammar text (as ``chat/grammar.py`` compiles it) and
+    whether it applies only from the model's own trigger token on (``TriggeredMatcher``: tool_choice "auto").
+    A factory that carries one can be rebuilt in another process (the engine core: ``small4/core/``)."""
+
+    grammar: str
+    triggered: bool = False
+
+
+class GrammarMaskFactory:
+    """A ``TokenMaskFactory`` that also says what it is made of: calling it builds one sequence's provider here;
+    ``spec`` lets an engine in another process build the same matcher itself (a callable cannot cross)."""
+
+    def __init__(self, spec: GrammarSpec, build: Callable[[], Callable[[list[int]], torch.Tensor | None]]) -> None:
+        self.spec = spec
+        self._build = build
+
+    def __call__(self) -> Callable[[list[int]], torch.Tensor | None]:
+        return self._build()

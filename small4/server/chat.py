@@ -28,7 +28,14 @@ from small4.chat import (
     response_format_from_openai,
 )
 from small4.chat import dialect as dia
-from small4.engine import ImageInput, TokenLogprobs, TokenMaskFactory, token_mask_provider
+from small4.engine import (
+    GrammarMaskFactory,
+    GrammarSpec,
+    ImageInput,
+    TokenLogprobs,
+    TokenMaskFactory,
+    token_mask_provider,
+)
 from small4.server.context import ServerContext, Ticket, hold_until_done
 from small4.server.errors import APIError
 from small4.server.protocol import ChatCompletionRequest
@@ -137,7 +144,8 @@ class ChatHandler:
             return None
         compiled, make = grammar
         vocab = self.ctx.vocab_size
-        return lambda: token_mask_provider(make(compiled), vocab)
+        spec = GrammarSpec(compiled.text, triggered=make == self.grammars.triggered_matcher)  # for a separate core
+        return GrammarMaskFactory(spec, lambda: token_mask_provider(make(compiled), vocab))
 
     def _grammar(
         self, body: ChatCompletionRequest, rendered: RenderedPrompt

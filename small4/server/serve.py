@@ -73,6 +73,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="auto: the model's generation_config.json gives the default sampling parameters; ignore: it does not",
     )
     p.add_argument("--no-web-ui", action="store_true", help="do not serve the chat page at GET /")
+    p.add_argument(
+        "--engine-process",
+        choices=["inline", "separate"],
+        default="inline",
+        help="separate: the engine core (schedule, forward, sample, detokenize) in its own process, talking to "
+        "this one over ZMQ + msgpack (small4/core/); inline: an engine thread in the API process",
+    )
     add_parallel_arguments(p)
 
 
@@ -138,7 +145,13 @@ def build_from_args(args: argparse.Namespace):
         attention_scale_mscale=args.attention_scale_mscale,
     )
     parallel = parallel_config(args)
-    if parallel is None:
+    if getattr(args, "engine_process", "inline") == "separate":
+        if parallel is not None:
+            raise ValueError("--engine-process separate does not support --tensor-parallel-size > 1 yet")
+        from small4.core.client import CoreClient
+
+        engine = CoreClient(model_dir, engine_cfg)
+    elif parallel is None:
         engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
     else:  # the API process is rank 0 and starts the other ranks
         from small4.parallel import parallel_async_engine
@@ -169,6 +182,7 @@ def build_from_args(args: argparse.Namespace):
     return build_app(ctx, options), ctx
 
 
+CORE_DIED_EXIT_CODE = 3  # `small4 serve --engine-process separate` when its engine core died under it
 FLUSH_GRACE_S = 5.0  # after the drain timeout, how long aborted responses get to send their last chunk
 
 
@@ -230,7 +244,13 @@ def serve(args: argparse.Namespace) -> int:
         args.port,
         ctx.engine.engine.runner.max_cached_tokens,
     )
-    make_server(app, ctx, args.host, args.port, args.shutdown_timeout).run()
+    server = make_server(app, ctx, args.host, args.port, args.shutdown_timeout)
+    if hasattr(ctx.engine, "core_died"):  # a separate core that dies stops the server, which then exits non-zero
+        ctx.engine.on_dead = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if getattr(ctx.engine, "core_died", False):
+        log.error("the engine core died: exiting with code %d", CORE_DIED_EXIT_CODE)
+        return CORE_DIED_EXIT_CODE
     if parallel_config(args) is not None:  # rank 0 of a split: reap the workers, leave gloo's teardown out
         from small4.parallel import end_serving_process
 
