@@ -207,7 +207,8 @@ class Bench:
 
     def cache_bytes(self, num_blocks: int) -> int:
         itemsize = torch.empty((), dtype=self.runner.cache_dtype).element_size()
-        return self.layers * num_blocks * self.runner.block_size * self.text.latent_dim * itemsize
+        layers = self.layers + self.runner._draft_layers  # a draft's latent caches share the blocks
+        return layers * num_blocks * self.runner.block_size * self.text.latent_dim * itemsize
 
     def allocate_cache(self, num_blocks: int) -> None:
         self.runner.kv_caches = []
@@ -217,11 +218,15 @@ class Bench:
         self.runner.kv_caches = [
             torch.empty(shape, dtype=self.runner.cache_dtype, device=self.device) for _ in range(self.layers)
         ]
+        self.runner.draft_kv_caches = [
+            torch.empty_like(self.runner.kv_caches[0]) for _ in range(self.runner._draft_layers)
+        ]
         self.runner.num_blocks = num_blocks
         self.runner.pad_block = num_blocks
 
     def release_cache(self) -> None:
         self.runner.kv_caches = []
+        self.runner.draft_kv_caches = []
         self.runner.decode_graphs = None
         _free_bytes(self.device)
 
@@ -731,6 +736,9 @@ def run_full_bench(
             measure_serving(bench, tokenizer, c, args.serving_input_len, args.serving_output_len, max(4, 2 * c))
             for c in args.serving_concurrency
         ]
+    speculative = []
+    if args.serving_concurrency and args.num_speculative_tokens:
+        speculative = measure_speculative(bench, bench_tokenizer(bench.text.vocab_size), args, serving)
     reference, note, ratios = None, None, None
     if args.reference:
         note = reference_skip_reason(bench)
@@ -776,6 +784,7 @@ def run_full_bench(
         "decode": decode,
         "prefill": prefill,
         "serving": serving,
+        "speculative": speculative,
         "memory": {
             "weights_bytes": weights_bytes,
             "peak_allocated_bytes": _overall_peak(build_peak, decode, prefill, _peak(device)),
@@ -830,6 +839,15 @@ def summary(config: dict[str, Any], results: dict[str, Any], device: str) -> str
             f"{r['output_tokens_per_s']:.0f} out tok/s, TTFT p50 {r['ttft']['p50_ms']:.1f} ms p99 "
             f"{r['ttft']['p99_ms']:.1f} ms, TPOT p50 {r['tpot']['p50_ms']:.2f} ms, ITL p99 {r['itl']['p99_ms']:.2f} ms"
         )
+    for r in results.get("speculative") or []:
+        if r["status"] != "ok":
+            lines.append(f"  speculative concurrency {r['concurrency']}: skipped: {r['reason']}")
+            continue
+        lines.append(
+            f"  speculative k={r['num_speculative_tokens']} (random draft), concurrency {r['concurrency']}: "
+            f"{r['output_tokens_per_s']:.0f} out tok/s vs {r['plain_output_tokens_per_s']:.0f} plain, acceptance "
+            f"{r['acceptance_rate']:.2f}, {r['mean_accepted_length']:.2f} tokens/step"
+        )
     peak = results["memory"]["peak_allocated_bytes"]
     if peak is not None:
         lines.append(f"  peak memory {_gib(peak)}")
@@ -860,6 +878,48 @@ def _report(config: dict[str, Any], results: dict[str, Any], device: torch.devic
     return 0
 
 
+def random_draft(bench: Bench, seed: int):
+    """The released draft's architecture at the target's shapes (2 layers, MLP 12288; the tiny spec's width for
+    ``--tiny``) with random weights: acceptance is near zero, so its run measures what speculation costs."""
+    from small4.spec.eagle import EagleConfig, EagleDraft
+
+    text = bench.text
+    width = 12288 if text.hidden_size >= 1024 else 4 * text.hidden_size
+    draft = EagleDraft(EagleConfig.from_target(text, num_layers=2, intermediate_size=width))
+    draft = draft.to(device=bench.device, dtype=bench.runner.dtype)
+    g = torch.Generator(device=bench.device).manual_seed(seed)
+    for p in draft.parameters():
+        if p.dim() == 2:
+            p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
+        else:
+            p.fill_(1.0)
+    return draft
+
+
+def measure_speculative(bench: Bench, tokenizer, args: argparse.Namespace, plain: list[dict]) -> list[dict]:
+    """The serving runs again with a random draft attached (speculation on), beside the plain ones."""
+    runner, saved = bench.runner, bench.runner.engine_cfg
+    runner.draft = random_draft(bench, args.seed)
+    runner.engine_cfg = replace(saved, num_speculative_tokens=args.num_speculative_tokens)
+    out = []
+    try:
+        for c, base in zip(args.serving_concurrency, plain, strict=True):
+            if c not in args.speculative_concurrency:
+                continue
+            r = measure_serving(bench, tokenizer, c, args.serving_input_len, args.serving_output_len, max(4, 2 * c))
+            r["num_speculative_tokens"] = args.num_speculative_tokens
+            r["plain_output_tokens_per_s"] = base.get("output_tokens_per_s")
+            stats = getattr(bench, "last_spec_stats", None)
+            r["acceptance_rate"] = stats.acceptance_rate if stats else 0.0
+            r["mean_accepted_length"] = stats.mean_accepted_length if stats else 0.0
+            out.append(r)
+    finally:
+        runner.draft, runner.engine_cfg = None, saved
+        runner.draft_kv_caches = []
+        _free_bytes(bench.device)
+    return out
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Registers ``full`` under ``small4 bench``."""
     p = sub.add_parser("full", help="decode/prefill throughput and roofline at the real shapes, random weights")
@@ -882,6 +942,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="closed-loop serving runs through the engine at these concurrencies ('none' skips them)",
     )
     p.add_argument("--serving-input-len", type=positive_int, default=1024)
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=3,
+        help="serving runs at --speculative-concurrency again with a random draft of the release's shapes (0: no)",
+    )
+    p.add_argument("--speculative-concurrency", type=_int_list_or_none, default=[1, 32])
     p.add_argument("--serving-output-len", type=positive_int, default=512)
     p.add_argument("--block-size", type=positive_int, default=16)
     p.add_argument("--max-cache-memory", type=parse_bytes, help="skip combos whose latent cache exceeds this")

@@ -89,6 +89,7 @@ def measure_serving(
         engine = Engine.from_runner(runner, tokenizer)  # captures the decode graphs here, before any timing
         _run_closed_loop(engine, bench, 1, min(input_len, 16), 4, concurrency=1, seed=-1)  # compile kernels
         timelines, wall = _run_closed_loop(engine, bench, num_requests, input_len, output_len, concurrency, seed=0)
+        bench.last_spec_stats = engine.spec.stats if engine.spec is not None else None
     finally:
         runner.engine_cfg = saved_cfg
         bench.release_cache()

@@ -277,6 +277,8 @@ class Engine:
                     text += seq.detokenizer.flush()
             seq.logprobs.extend(lps)
             outputs.append(self._output(seq, tokens, text, lps))
+            if item.draft_token_ids:
+                outputs[-1].num_accepted_this_step = len(tokens) - 1
             if seq.request.is_finished:
                 self._forget(seq)
         return outputs
@@ -329,6 +331,9 @@ class Engine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens,
             num_cached_tokens=req.num_cached_prompt_tokens,
+            num_draft_tokens=req.num_draft_tokens,
+            num_accepted_draft_tokens=req.num_accepted_draft_tokens,
+            num_verify_steps=req.num_verify_steps,
         )
 
 

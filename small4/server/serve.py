@@ -73,6 +73,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="auto: the model's generation_config.json gives the default sampling parameters; ignore: it does not",
     )
     p.add_argument("--no-web-ui", action="store_true", help="do not serve the chat page at GET /")
+    p.add_argument("--speculative-model", default=None, help="EAGLE draft directory: speculative decoding")
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        help="drafts per step (default: 3 with --profile latency, else 0 = off; needs --speculative-model)",
+    )
     add_parallel_arguments(p)
 
 
@@ -136,8 +143,12 @@ def build_from_args(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         seed=args.seed,
         attention_scale_mscale=args.attention_scale_mscale,
+        speculative_model=args.speculative_model,
+        num_speculative_tokens=args.num_speculative_tokens,
     )
     parallel = parallel_config(args)
+    if parallel is not None and args.speculative_model:
+        raise ValueError("--speculative-model is single-device for now (not with tensor / expert parallelism)")
     if parallel is None:
         engine = AsyncEngine.from_model_dir(model_dir, engine_cfg)
     else:  # the API process is rank 0 and starts the other ranks

@@ -28,7 +28,7 @@ def load_target(model_dir):
     return load_model(model_dir, dtype=torch.float32, device="cpu", progress=False)
 
 
-def make_llm(model_dir, target=None, draft=None, num_blocks: int | None = None, **cfg) -> LLM:
+def make_llm(model_dir, target=None, draft=None, num_blocks: int | None = 160, **cfg) -> LLM:
     """An ``LLM`` over ``target`` (loaded from ``model_dir`` if None) with ``draft`` attached (None: plain)."""
     target = target if target is not None else load_target(model_dir)
     cfg.setdefault("block_size", 4)
