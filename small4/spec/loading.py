@@ -40,6 +40,7 @@ the target's quantisation parsers (``config_quant.py``).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -325,3 +326,80 @@ def load_draft(
             loader.skipped[:4],
         )
     return draft.eval()
+
+
+def native_state_dict(draft: EagleDraft, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The draft's (dense, unquantised) weights under the released names: ``load_draft``'s inverse."""
+    native_attn = {v: k for k, v in _NATIVE_ATTN.items()}
+    norms = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    out: dict[str, torch.Tensor] = {}
+    for name, param in draft.named_parameters():
+        w = param.detach().to("cpu", dtype)
+        module = name[: -len(".weight")]
+        if module in ("fc", "norm"):
+            out[("eagle_linear" if module == "fc" else "norm") + ".weight"] = w
+            continue
+        layer, rest = module.split(".", 2)[1], module.split(".", 2)[2]  # "layers.0.self_attn.q_a_proj"
+        prefix = f"layers.{layer}."
+        if rest in norms:
+            out[prefix + norms[rest] + ".weight"] = w
+        elif rest.startswith("self_attn."):
+            out[prefix + f"attention.{native_attn[rest[len('self_attn.') :]]}.weight"] = w
+        elif rest == "mlp.gate_up":
+            gate, up = w.chunk(2, dim=0)  # gate rows first
+            out[prefix + "feed_forward.w1.weight"], out[prefix + "feed_forward.w3.weight"] = gate.clone(), up.clone()
+        elif rest == "mlp.down":
+            out[prefix + "feed_forward.w2.weight"] = w
+        else:
+            raise ValueError(f"no released name for draft parameter {name}")
+    return out
+
+
+def release_params(draft: EagleConfig) -> dict[str, Any]:
+    """The released params.json for ``draft``: the target's fields it restates, its own depth and MLP width, no
+    ``moe`` (see the module docstring for what is assumed of the real file)."""
+    t, rope = draft.text, draft.text.rope
+    params: dict[str, Any] = {
+        "dim": t.hidden_size,
+        "n_layers": draft.num_layers,
+        "head_dim": t.qk_head_dim,
+        "hidden_dim": draft.intermediate_size,
+        "n_heads": t.num_heads,
+        "n_kv_heads": t.num_heads,
+        "rope_theta": rope.theta,
+        "norm_eps": t.rms_norm_eps,
+        "vocab_size": t.vocab_size,
+        "tied_embeddings": False,
+        "max_position_embeddings": t.max_position_embeddings,
+        "q_lora_rank": t.q_lora_rank,
+        "kv_lora_rank": t.kv_lora_rank,
+        "qk_nope_head_dim": t.qk_nope_head_dim,
+        "qk_rope_head_dim": t.qk_rope_head_dim,
+        "v_head_dim": t.v_head_dim,
+    }
+    if rope.rope_type == "yarn":
+        params["yarn"] = {
+            "original_max_position_embeddings": rope.original_max_position_embeddings,
+            "factor": rope.factor,
+            "apply_scale": t.yarn_softmax_mscale,
+            "beta": rope.beta_fast,
+            "alpha": rope.beta_slow,
+        }
+    if rope.llama4_beta:
+        params["llama_4_scaling"] = {
+            "original_max_position_embeddings": rope.llama4_original_max_position_embeddings,
+            "beta": rope.llama4_beta,
+        }
+    return params
+
+
+def save_draft(draft: EagleDraft, out: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Writes ``draft`` in the released layout (params.json + consolidated.safetensors)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.json").write_text(json.dumps(release_params(draft.config), indent=2))
+    tensors = {k: v.contiguous() for k, v in native_state_dict(draft, dtype).items()}
+    save_file(tensors, str(out / "consolidated.safetensors"), metadata={"format": "pt"})
+    return out

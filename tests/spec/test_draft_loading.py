@@ -124,3 +124,21 @@ def test_a_target_checkpoint_is_not_taken_for_a_draft(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_config(TinySpec(), fp8=False)))
     with pytest.raises(ConfigError, match="'architectures'"):
         load_draft(tmp_path, TARGET)
+
+
+def test_save_draft_writes_the_released_layout_load_draft_reads(drafts, tmp_path):
+    from small4.spec.loading import save_draft
+
+    draft = load_draft(drafts["hf", "none"], TARGET)
+    save_draft(draft, tmp_path)
+    again = load_draft(tmp_path, TARGET)
+    assert json.loads((tmp_path / "params.json").read_text())["hidden_dim"] == DRAFT.intermediate_size
+    for name, w in draft.state_dict().items():
+        assert torch.equal(again.state_dict()[name], w), name
+
+
+def test_make_tiny_draft_command(tmp_path):
+    from small4.cli import main
+
+    assert main(["make-tiny-draft", str(tmp_path), "--layout", "hf", "--quant", "fp8", "--layers", "2"]) == 0
+    assert load_draft(tmp_path, TARGET, keep_fp8=True).layers[1].self_attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
