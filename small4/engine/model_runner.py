@@ -52,7 +52,13 @@ class StepBatch:
     """What one forward pass consumed: which requests sample, and the rows of their last tokens."""
 
     request_ids: list[str]  # requests that sample a token this step, in order
-    logits: torch.Tensor  # [len(request_ids), vocab] float32
+    logits: torch.Tensor  # [len(request_ids), vocab] float32; [sum(drafts + 1)] rows when drafts are verified
+    # with a draft model attached: every row's hidden state (what the draft takes) and the step's layout
+    hidden: torch.Tensor | None = None  # [T, hidden]
+    input_ids: torch.Tensor | None = None  # [T]
+    positions: torch.Tensor | None = None  # [T]
+    meta: AttentionMetadata | None = None
+    images: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _encode_images(model: Mistral4Model, mm: MultiModalInputs, device: torch.device, dtype: torch.dtype) -> None:
@@ -85,16 +91,30 @@ class ModelRunner:
         self._setup()
 
     @classmethod
-    def from_model(cls, model: Mistral4Model, engine_cfg: EngineConfig, num_blocks: int | None = None) -> ModelRunner:
+    def from_model(
+        cls, model: Mistral4Model, engine_cfg: EngineConfig, num_blocks: int | None = None, draft=None
+    ) -> ModelRunner:
         """A runner around an already-built model (benchmarks with synthetic weights): all but the loading.
-        ``num_blocks`` overrides the cache size that the memory budget would give."""
+        ``num_blocks`` overrides the cache size that the memory budget would give; ``draft`` is an
+        ``small4.spec.eagle.EagleDraft`` for speculative decoding (else ``engine_cfg.speculative_model`` loads)."""
         runner = cls.__new__(cls)
         runner.engine_cfg = engine_cfg
         runner.device = model.embed_tokens.weight.device
         runner.dtype = model.embed_tokens.weight.dtype
         runner.model = model
+        runner.draft = draft
         runner._setup(num_blocks)
         return runner
+
+    def _load_draft(self) -> None:
+        """The EAGLE draft named by ``engine_cfg.speculative_model`` (None without one)."""
+        path = getattr(self.engine_cfg, "speculative_model", None)
+        if getattr(self, "draft", None) is not None or path is None:
+            self.draft = getattr(self, "draft", None)
+            return
+        from small4.spec.loading import load_draft  # the draft's weights layouts live with the draft
+
+        self.draft = load_draft(path, self.model, dtype=self.dtype, device=self.device)
 
     def _setup(self, num_blocks: int | None = None) -> None:
         engine_cfg = self.engine_cfg
@@ -102,6 +122,7 @@ class ModelRunner:
         self.config: ModelConfig = self.model.config
         self.block_size = engine_cfg.block_size
         self.cache_dtype = cache_dtype(engine_cfg, self.dtype)
+        self._load_draft()
         self.num_blocks = num_blocks or self._num_blocks()
         text = self.config.text
         # empty, not zeros: a slot is always written before it is read, and untouched pages cost nothing.
@@ -113,15 +134,24 @@ class ModelRunner:
             )
             for _ in range(text.num_layers)
         ]
+        # the draft's layers get latent caches of the same layout: same blocks, same slots as the target's
+        self.draft_kv_caches = [torch.empty_like(self.kv_caches[0]) for _ in range(self._draft_layers)]
+        if self.draft is not None:
+            self.draft.set_attn_impl(engine_cfg.attn_impl)
         self.decode_graphs: DecodeGraphs | None = None
         self.inputs = StepInputs(self.device, self.block_size, self.pad_block)
         log.info("max tokens in cache: %d (%d blocks of %d)", self.max_cached_tokens, self.num_blocks, self.block_size)
 
     @property
+    def _draft_layers(self) -> int:
+        return 0 if self.draft is None else self.draft.config.num_layers
+
+    @property
     def bytes_per_block(self) -> int:
+        """One block's bytes over every layer that caches latents: the target's and the draft's."""
         text = self.config.text
         itemsize = torch.empty((), dtype=self.cache_dtype).element_size()
-        return text.num_layers * self.block_size * text.latent_dim * itemsize
+        return (text.num_layers + self._draft_layers) * self.block_size * text.latent_dim * itemsize
 
     @property
     def max_cached_tokens(self) -> int:
@@ -177,6 +207,8 @@ class ModelRunner:
         graphs, items = self.decode_graphs, plan.scheduled
         if graphs is None or not items or len(items) > graphs.max_batch:
             return None
+        if self.draft is not None and self.draft.config.target_hidden == "prenorm":  # the graphs give normed rows
+            return None
         width = graphs.max_blocks_per_seq
         for item in items:  # one pass: this runs for every sequence of every decode step
             if item.num_new_tokens != 1 or len(item.request.block_ids) > width:
@@ -186,7 +218,11 @@ class ModelRunner:
         step = self.inputs.stage(items, plan.preempted)
         hidden = graphs.run(step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.seq_lens)
         ids = [item.request.request_id for item in items if item.samples]
-        return StepBatch(ids, self.model.compute_logits(self._sampled_hidden(hidden, step)))
+        batch = StepBatch(ids, self.model.compute_logits(self._sampled_hidden(hidden, step)))
+        if self.draft is not None:
+            meta = self._step_meta(step)
+            batch.hidden, batch.input_ids, batch.positions, batch.meta = hidden, step.input_ids, step.positions, meta
+        return batch
 
     @staticmethod
     def _sampled_hidden(hidden: torch.Tensor, step) -> torch.Tensor:
@@ -200,7 +236,16 @@ class ModelRunner:
             return graphed
         items = plan.scheduled
         step = self.inputs.stage(items, plan.preempted)
-        meta = AttentionMetadata(
+        meta = self._step_meta(step)
+        images = self._image_rows(items, step.query_start_loc)
+        ids = [item.request.request_id for item in items if item.samples]
+        if self.draft is not None:
+            logits, hidden = self.forward_with_hidden(step.input_ids, step.positions, meta, step.sample_rows, images)
+            return StepBatch(ids, logits, hidden, step.input_ids, step.positions, meta, images)
+        return StepBatch(ids, self.forward_step(step.input_ids, step.positions, meta, step.sample_rows, images))
+
+    def _step_meta(self, step) -> AttentionMetadata:
+        return AttentionMetadata(
             query_start_loc=step.query_start_loc,
             seq_lens=step.seq_lens_list,
             slot_mapping=step.slot_mapping,
@@ -208,9 +253,37 @@ class ModelRunner:
             block_size=self.block_size,
             seq_lens_tensor=step.seq_lens,
         )
-        images = self._image_rows(items, step.query_start_loc)
-        ids = [item.request.request_id for item in items if item.samples]
-        return StepBatch(ids, self.forward_step(step.input_ids, step.positions, meta, step.sample_rows, images))
+
+    def forward_with_hidden(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        sample_rows: torch.Tensor,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward_step`` that also returns every row's hidden state in the form the draft takes (after the
+        final norm, or before it for a ``target_hidden="prenorm"`` draft): (logits of ``sample_rows``, [T, hidden]).
+        Single-device only (the parallel driver overrides ``forward_step``, not this)."""
+        embeds = None if images is None else self.model.embed(ids, images[1], images[0])
+        prenorm = self.model.forward_prenorm(ids, positions, meta, self.kv_caches, inputs_embeds=embeds)
+        normed = self.model.norm(prenorm)
+        picked = normed if sample_rows.numel() == normed.shape[0] else normed.index_select(0, sample_rows)
+        hidden = prenorm if self.draft.config.target_hidden == "prenorm" else normed
+        return self.model.compute_logits(picked), hidden
+
+    def draft_forward(
+        self,
+        next_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The draft over a flat batch through its own caches: row t pairs token ``next_ids[t]`` (embedded by the
+        target, image rows merged) with ``hidden[t]`` at ``positions[t]`` -> the draft's hidden [T, hidden]."""
+        embeds = self.model.embed(next_ids, *(images[::-1] if images is not None else ()))
+        return self.draft(embeds, hidden, positions, meta, self.draft_kv_caches)
 
     def forward_step(
         self,
