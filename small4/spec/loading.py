@@ -185,7 +185,7 @@ def draft_config(files: DraftFiles, target: TextConfig) -> EagleConfig:
     draft does not state is the target's). The error names the field and both values."""
     for name in _MUST_MATCH:
         stated = files.fields.get(name)
-        if stated is None or stated == "unset":
+        if stated == "unset" or (stated is None and name != "q_lora_rank"):  # q_lora_rank null: no q LoRA
             continue
         want = _target_value(target, name)
         if isinstance(want, float) or isinstance(stated, float):

@@ -14,17 +14,20 @@ chain is unrolled (``unroll`` passes): pass j feeds the draft's own output of pa
 j's own rows, not the cached true ones: the usual simplification of training-time unrolling.) Only positions where
 the draft proposes at inference (the answer's) carry weight 1; the prompt's carry ``prompt_weight``.
 
-Acceptance is measured with a plain greedy-agreement loop written here (``measure_acceptance``), not the engine's
-speculative runtime: on held-out prompts (another seed) the target's greedy trajectory is fixed, the draft proposes
-k tokens by chaining its own outputs from each decode point (a stateless forward over the whole prefix per proposal),
-the leading matches are accepted plus the target's bonus token, and decoding resumes after them. Reported: the rate
-at which the first proposal equals the target's greedy next token, the mean accepted draft tokens per verify step,
-and the mean tokens per verify step (accepted + 1).
+Acceptance is measured twice on the same held-out prompts (another seed), both at k=3. ``runtime_acceptance``:
+through small4's speculative runtime (``Engine`` with ``speculative_model``, greedy), reading its counters and
+checking that its outputs equal the plain greedy ones. ``measure_acceptance``: a plain greedy-agreement loop written
+here: the target's greedy trajectory is fixed, the draft proposes k tokens by chaining its own outputs from each
+decode point (a stateless forward over the whole prefix per proposal), the leading matches are accepted plus the
+target's bonus token, and decoding resumes after them. Reported: the rate at which the first proposal equals the
+target's greedy next token, the mean accepted draft tokens per verify step, and the mean tokens per verify step
+(accepted + 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -60,6 +63,26 @@ def prompt_ids(renderer: Any, example: Any) -> list[int] | None:
     """The prompt as the server renders it; None for examples with images (left out)."""
     rendered = renderer.render(example.messages, tools=example.tools, reasoning_effort=example.reasoning_effort)
     return None if rendered.images else list(rendered.token_ids)
+
+
+def target_fingerprint(target_dir: Path) -> str:
+    """sha256 over the target's config and weight files: which demo checkpoint a draft was trained for."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(target_dir).glob("*.safetensors")) + [Path(target_dir) / "config.json"]:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def describe_target(target_dir: Path) -> str:
+    from small4.weights.embedded import SHIPPED_DEMO_DIR
+
+    shipped = Path(target_dir).resolve() == SHIPPED_DEMO_DIR.resolve()
+    return "small4/demo_model/checkpoint (the embedded demo model)" if shipped else str(target_dir)
+
+
+def held_out_seed(seed: int) -> int:
+    """The held-out prompts' seed for a training seed: another stream of the same generators."""
+    return seed + 1_000_003
 
 
 def curriculum_prompts(target_dir: Path, seed: int, n: int) -> list[list[int]]:
@@ -256,6 +279,51 @@ def measure_acceptance(draft: EagleDraft, target: Mistral4Model, trajs: list[Tra
     }
 
 
+def runtime_acceptance(
+    target_dir: Path, draft_dir: Path, held_out: list[Trajectory], max_tokens: int, k: int = 3
+) -> dict[str, Any]:
+    """The same held-out prompts through small4's own speculative runtime (``Engine`` with ``speculative_model``,
+    greedy): its acceptance counters, and whether every output equals the plain greedy answer."""
+    from small4.config import EngineConfig
+    from small4.engine.engine import Engine
+    from small4.engine.sampling_params import SamplingParams
+
+    cfg = EngineConfig(device="cpu", dtype="float32", speculative_model=str(draft_dir), num_speculative_tokens=k)
+    engine = Engine(target_dir, cfg)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    outputs: dict[str, list[int]] = {}
+    for i, t in enumerate(held_out):
+        engine.add_request(str(i), t.tokens[: t.prompt_len], params)
+        outputs[str(i)] = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            outputs[o.request_id].extend(o.new_token_ids)
+    stats = engine.spec.stats
+    same = all(outputs[str(i)] == t.tokens[t.prompt_len :] for i, t in enumerate(held_out))
+    return {
+        "method": "small4's speculative runtime (Engine, speculative_model = this draft, greedy)",
+        "k": k,
+        "prompts": len(held_out),
+        "verify_steps": stats.num_verifies,
+        "acceptance_rate": stats.acceptance_rate,
+        "mean_accepted_draft_tokens": stats.num_accepted / max(1, stats.num_verifies),
+        "mean_tokens_per_verify_step": stats.mean_accepted_length,
+        "outputs_identical_to_plain_greedy": same,
+    }
+
+
+def measure(
+    target: Mistral4Model, target_dir: Path, draft_dir: Path, evals: list[Trajectory], max_tokens: int
+) -> dict[str, Any]:
+    """Both acceptance measurements of the draft saved in ``draft_dir`` (bf16, as shipped) on ``evals``."""
+    from small4.spec.loading import load_draft
+
+    shipped = load_draft(draft_dir, target, dtype=torch.float32)
+    loop = measure_acceptance(shipped, target, evals, k=3)
+    loop["first_proposal_agreement_teacher_forced"] = first_proposal_agreement(shipped, target, evals)
+    return {"greedy_agreement_loop": loop, "runtime": runtime_acceptance(target_dir, draft_dir, evals, max_tokens)}
+
+
 def _batches(trajs: list[Trajectory], rng: random.Random, token_budget: int):
     order = list(range(len(trajs)))
     while True:
@@ -298,9 +366,9 @@ def train_draft(
     start = time.monotonic()
     target = load_model(target_dir, dtype=torch.float32, progress=False)
     prompts = curriculum_prompts(target_dir, seed, num_prompts)
-    held_out = curriculum_prompts(target_dir, seed + 1_000_003, eval_prompts)
-    trajs = greedy_answers(target_dir, prompts, max_tokens)
-    evals = greedy_answers(target_dir, held_out, max_tokens)
+    held_out = curriculum_prompts(target_dir, held_out_seed(seed), eval_prompts)
+    answered = greedy_answers(target_dir, prompts + held_out, max_tokens)  # one engine for both sets
+    trajs, evals = answered[: len(prompts)], answered[len(prompts) :]
     annotate(target, trajs + evals)
     data_s = time.monotonic() - start
     cfg = EagleConfig.from_target(
@@ -343,13 +411,10 @@ def train_draft(
     train_s = time.monotonic() - train_start
     draft.requires_grad_(False).eval()
     save_draft(draft, out)
-    from small4.spec.loading import load_draft
-
-    shipped = load_draft(out, target, dtype=torch.float32)  # measure what was written (bf16), not the float32 copy
-    acceptance = measure_acceptance(shipped, target, evals, k=3)
-    acceptance["first_proposal_agreement_teacher_forced"] = first_proposal_agreement(shipped, target, evals)
+    acceptance = measure(target, target_dir, out, evals, max_tokens)
     log = {
-        "target": str(target_dir),
+        "target": describe_target(target_dir),
+        "target_sha256": target_fingerprint(target_dir),
         "draft": {
             "num_layers": num_layers,
             "intermediate_size": cfg.intermediate_size,
@@ -392,7 +457,29 @@ def check_sizes(out: Path) -> int:
     return total
 
 
+def remeasure(target_dir: Path | None, out: Path, seed: int, eval_prompts: int, max_tokens: int = 64) -> dict:
+    """Measures the draft already in ``out`` again (both methods, the training run's held-out prompts) and
+    rewrites the ``acceptance`` of its ``training_log.json``."""
+    from small4.weights.embedded import embedded_model_dir
+    from small4.weights.loader import load_model
+
+    target_dir = Path(target_dir or embedded_model_dir())
+    target = load_model(target_dir, dtype=torch.float32, progress=False)
+    evals = greedy_answers(target_dir, curriculum_prompts(target_dir, held_out_seed(seed), eval_prompts), max_tokens)
+    annotate(target, evals)
+    log_path = Path(out) / "training_log.json"
+    log = json.loads(log_path.read_text())
+    log["acceptance"] = measure(target, target_dir, Path(out), evals, max_tokens)
+    log["target"], log["target_sha256"] = describe_target(target_dir), target_fingerprint(target_dir)
+    log_path.write_text(json.dumps(log, indent=1))
+    return log
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.measure_only:
+        log = remeasure(args.target, Path(args.out), args.seed, args.eval_prompts)
+        print(json.dumps(log["acceptance"], indent=2))
+        return 0
     log = train_draft(
         target_dir=Path(args.target) if args.target else None,
         out=Path(args.out),
@@ -426,4 +513,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
+    p.add_argument("--measure-only", action="store_true", help="re-measure the draft in --out, rewrite its log")
     p.set_defaults(func=main)
