@@ -120,8 +120,12 @@ def _native_fields(p: dict[str, Any]) -> tuple[dict[str, Any], QuantConfig]:
     }
     if p.get("quantization") and p.get("quantization_config"):
         raise ConfigError("params.json: both 'quantization' and 'quantization_config' are set")
-    qc = p.get("quantization_config")
-    quant = parse_quantization_config(qc) if qc else parse_native_quantization(p.get("quantization"))
+    qc, q = p.get("quantization_config"), p.get("quantization") or {}
+    if q.get("qformat_weight") == "fp8_e4m3" and q.get("qscheme_act") == "NO_SCALES":
+        # FP8 weights with dynamic activations (vLLM reads this spelling too): no qscale_act tensors
+        quant = QuantConfig(method="fp8", activation_scheme="dynamic")
+    else:
+        quant = parse_quantization_config(qc) if qc else parse_native_quantization(q)
     return fields, quant
 
 

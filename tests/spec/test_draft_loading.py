@@ -142,3 +142,17 @@ def test_make_tiny_draft_command(tmp_path):
 
     assert main(["make-tiny-draft", str(tmp_path), "--layout", "hf", "--quant", "fp8", "--layers", "2"]) == 0
     assert load_draft(tmp_path, TARGET, keep_fp8=True).layers[1].self_attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
+
+
+def test_fp8_with_dynamic_activations_needs_no_activation_scales(drafts, tmp_path):
+    make_tiny_draft(tmp_path, layout="release", quant="fp8", seed=7, draft=DRAFT)
+    params = json.loads((tmp_path / "params.json").read_text())
+    params["quantization"]["qscheme_act"] = "NO_SCALES"
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    tensors = load_file(str(tmp_path / "consolidated.safetensors"))
+    save_file(
+        {k: v for k, v in tensors.items() if not k.endswith("qscale_act")}, str(tmp_path / "consolidated.safetensors")
+    )
+    a = load_draft(tmp_path, TARGET, dtype=torch.float32)
+    b = load_draft(drafts["release", "fp8"], TARGET, dtype=torch.float32)
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
