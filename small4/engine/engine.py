@@ -84,7 +84,9 @@ class Engine:
             self.runner.num_blocks, self.engine_cfg.block_size, self.engine_cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(self._scheduler_config(), self.block_manager)
-        self.runner.prepare_decode_graphs(self.max_model_len, self.engine_cfg.max_num_seqs)
+        spec_rows = 1 + (self.engine_cfg.num_speculative_tokens or 0) if getattr(runner, "draft", None) else 1
+        # with a draft, a verify step is (1 + k) decode rows per sequence through the same graphs
+        self.runner.prepare_decode_graphs(self.max_model_len, self.engine_cfg.max_num_seqs * spec_rows)
         self.sampler = Sampler()
         # unseeded requests draw from this one generator: a restarted engine with the same seed reproduces them
         self.rng = seeded_generator(self.engine_cfg.seed, self.runner.device)

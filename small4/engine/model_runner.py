@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from small4.config import EngineConfig, ModelConfig
-from small4.engine.cuda_graphs import DecodeGraphs
+from small4.engine.cuda_graphs import DecodeGraphs, _padded_table
 from small4.engine.multimodal import MultiModalInputs
 from small4.engine.request import Request
 from small4.engine.scheduler import ScheduledRequest, SchedulerOutput
-from small4.engine.step_inputs import StepInputs
+from small4.engine.step_inputs import StepInputs, token_slice
 from small4.kernels.backend import kernel_backend
 from small4.model.context import AttentionMetadata
 from small4.model.mistral4 import Mistral4Model
@@ -59,6 +59,7 @@ class StepBatch:
     positions: torch.Tensor | None = None  # [T]
     meta: AttentionMetadata | None = None
     images: tuple[torch.Tensor, torch.Tensor] | None = None
+    item_starts: list[int] | None = None  # each item's first row, when not ``meta.query_start_loc`` (graph verify)
 
 
 def _encode_images(model: Mistral4Model, mm: MultiModalInputs, device: torch.device, dtype: torch.dtype) -> None:
@@ -210,6 +211,8 @@ class ModelRunner:
         if self.draft is not None and self.draft.config.target_hidden == "prenorm":  # the graphs give normed rows
             return None
         width = graphs.max_blocks_per_seq
+        if any(item.draft_token_ids for item in items):
+            return self._graph_verify_step(plan)
         for item in items:  # one pass: this runs for every sequence of every decode step
             if item.num_new_tokens != 1 or len(item.request.block_ids) > width:
                 return None
@@ -222,6 +225,46 @@ class ModelRunner:
         if self.draft is not None:
             meta = self._step_meta(step)
             batch.hidden, batch.input_ids, batch.positions, batch.meta = hidden, step.input_ids, step.positions, meta
+        return batch
+
+    def _graph_verify_step(self, plan: SchedulerOutput) -> StepBatch | None:
+        """Speculative verification through the decode graphs: a chunk of the last token and m drafts becomes
+        m + 1 decode rows of the same sequence (same block table, lengths start + 1 .. start + m + 1). Every
+        latent is written before attention reads, so row j attends to exactly the causal prefix a chunk would
+        show it, through the decode kernel plain decoding uses. None when the step does not fit the graphs."""
+        graphs, items = self.decode_graphs, plan.scheduled
+        tokens, positions, slots, tables, lens, starts = [], [], [], [], [], []
+        for item in items:
+            req = item.request
+            m = len(item.draft_token_ids)
+            if item.num_new_tokens != m + 1 or len(req.block_ids) > graphs.max_blocks_per_seq:
+                return None
+            if req.mm_inputs is not None and _has_image_slot(item):
+                return None
+            starts.append(len(tokens))
+            tokens += token_slice(req, item.start, item.start + 1) + list(item.draft_token_ids)
+            for pos in range(item.start, item.start + m + 1):
+                positions.append(pos)
+                slots.append(self.slot(req, pos))
+                tables.append(req.block_ids)
+                lens.append(pos + 1)
+        if len(tokens) > graphs.max_batch:
+            return None
+        hidden = graphs.run(tokens, positions, slots, tables, lens)
+        ids = [item.request.request_id for item in items]
+        batch = StepBatch(ids, self.model.compute_logits(hidden))
+        dev = self.device
+        batch.hidden, batch.item_starts = hidden, starts
+        batch.input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+        batch.positions = torch.tensor(positions, dtype=torch.long, device=dev)
+        batch.meta = AttentionMetadata(
+            query_start_loc=list(range(len(tokens) + 1)),
+            seq_lens=lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=_padded_table(tables, self.pad_block).to(dev),
+            block_size=self.block_size,
+        )
+        self.num_graph_verify_steps = getattr(self, "num_graph_verify_steps", 0) + 1
         return batch
 
     @staticmethod

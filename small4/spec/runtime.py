@@ -24,7 +24,7 @@ acceptance is high and the batch is small; not measured here.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +44,6 @@ class SpecStats:
     num_drafts: int = 0  # draft tokens verified
     num_accepted: int = 0  # of those, accepted
     num_verifies: int = 0  # sequence-steps that verified drafts
-    accepted_per_verify: list[int] = field(default_factory=list)  # drafts accepted at each verify, since last read
 
     @property
     def acceptance_rate(self) -> float:
@@ -54,10 +53,6 @@ class SpecStats:
     def mean_accepted_length(self) -> float:
         """Tokens emitted per verifying sequence-step (accepted drafts + the target's own token)."""
         return (self.num_accepted + self.num_verifies) / self.num_verifies if self.num_verifies else 0.0
-
-    def drain(self) -> list[int]:
-        out, self.accepted_per_verify = self.accepted_per_verify, []
-        return out
 
 
 MaskFn = Callable[[list[int]], "torch.Tensor | None"]
@@ -110,7 +105,8 @@ class SpeculativeDecoder:
             for s, it in zip(seq_of, items, strict=True)
             for j in range(len(it.draft_token_ids) + 1)
         ]
-        probs = sampling_probs(self._process(raw, expanded), [s.request.sampling_params for s, _ in expanded])
+        masks = [m for s, it in zip(seq_of, items, strict=True) for m in _verify_masks(s, it.draft_token_ids)]
+        probs = sampling_probs(self._process(raw, expanded, masks), [s.request.sampling_params for s, _ in expanded])
         N, k, V = len(items), max(len(it.draft_token_ids) for it in items), raw.shape[1]
         p = probs.new_zeros(N, k + 1, V)
         q = probs.new_zeros(N, k, V)
@@ -149,7 +145,6 @@ class SpeculativeDecoder:
             self.stats.num_drafts += len(it.draft_token_ids)
             self.stats.num_accepted += a
             self.stats.num_verifies += 1
-            self.stats.accepted_per_verify.append(a)
         if emitted_rows:
             idx = _idx(emitted_rows, raw.device)
             lps = compute_logprobs(raw.index_select(0, idx), _idx(emitted_tokens, raw.device), num_lp)
@@ -159,14 +154,16 @@ class SpeculativeDecoder:
                 j += n
         return out
 
-    def _process(self, raw: torch.Tensor, rows: list[tuple[Any, list[int]]]) -> torch.Tensor:
+    def _process(self, raw: torch.Tensor, rows: list[tuple[Any, list[int]]], masks=None) -> torch.Tensor:
         """Masks, bias, min_tokens and penalties for rows that each see their own draft prefix as output."""
+        if masks is None:
+            masks = [None if s.token_mask is None else _bind(s.token_mask, s.request, d) for s, d in rows]
         batch = SamplingBatch.from_lists(
             [s.request.sampling_params for s, _ in rows],
             prompt_token_ids=[s.request.prompt_token_ids for s, _ in rows],
             output_token_ids=[s.request.output_token_ids + d for s, d in rows],
             generators=[s.generator for s, _ in rows],
-            token_masks=[None if s.token_mask is None else _bind(s.token_mask, s.request, d) for s, d in rows],
+            token_masks=masks,
             eos_token_id=self.eos_token_id,
         )
         return self.sampler.process_logits(raw, batch)
@@ -179,7 +176,7 @@ class SpeculativeDecoder:
         if batch.hidden is None or not plan.scheduled:
             return
         runner = self.runner
-        qsl = batch.meta.query_start_loc
+        qsl = batch.item_starts or batch.meta.query_start_loc  # each item's first row
         next_ids = torch.roll(batch.input_ids, -1)  # [T]: row t's next token, where it is in the chunk
         fix_rows, fix_tokens, out_rows, proposing = [], [], [], []
         for i, item in enumerate(plan.scheduled):
@@ -248,6 +245,21 @@ def _bind(provider: MaskFn, request: Request, drafts: list[int]) -> Callable[[],
     """The grammar mask after the output and ``drafts`` (the matcher advances over the drafts; it rolls back
     when the next call passes a shorter or different output)."""
     return lambda: provider(request.output_token_ids + drafts)
+
+
+def _verify_masks(seq, drafts: tuple[int, ...]) -> list:
+    """The grammar masks of a verify chunk's rows, computed now and in order: row j's after drafts d_1..d_j. A
+    draft the previous row's mask forbids is certain to be rejected there, so the matcher is never fed it (it
+    would fail for good); the rows after it get no mask (they are never used)."""
+    if seq.token_mask is None:
+        return [None] * (len(drafts) + 1)
+    out, ok = [], True
+    for j in range(len(drafts) + 1):
+        mask = seq.token_mask(seq.request.output_token_ids + list(drafts[:j])) if ok else None
+        out.append(None if mask is None else (lambda m=mask: m))
+        if j < len(drafts) and mask is not None:
+            ok = drafts[j] < mask.shape[0] and bool(mask[drafts[j]])
+    return out
 
 
 def _draw(q: torch.Tensor, seqs: list, rng: torch.Generator | None) -> list[int]:

@@ -1,0 +1,133 @@
+"""Speculative decoding beyond greedy text: the verify step through the decode graphs (static path on any device,
+captured on CUDA), sampled tokens distributed as plain sampling's (chi-square over seeded draws), a grammar-
+constrained request, and the embedded demo model."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+from mistral_common.protocol.instruct.request import ChatCompletionRequest, ResponseFormat
+
+from small4.chat.grammar import GrammarCompiler
+from small4.engine.cuda_graphs import DecodeGraphs
+from small4.engine.sampling_params import SamplingParams
+from small4.engine.token_mask import token_mask_provider
+from small4.weights.tiny import make_tiny
+
+from .helpers import OracleDecoder, generate, load_target, make_llm, prompts, random_draft
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"), layout="hf", seed=11)
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square quantile at p = 0.001 (z = 3.09), Wilson-Hilferty: within a few percent for df >= 3."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _graph_llm(model_dir, target, draft, device, capture: bool):
+    llm = make_llm(model_dir, target, draft, device=str(device), enforce_eager=True, max_num_seqs=4)
+    runner = llm.engine.runner
+    runner.decode_graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.pad_block, 16, 16, capture=capture)
+    return llm
+
+
+def _verify_through_graphs(model_dir, device, capture: bool) -> None:
+    target = load_target(model_dir).to(device)
+    draft = random_draft(target, seed=3).to(device)
+    ps = prompts(4)
+    plain = generate(make_llm(model_dir, target, device=str(device), enforce_eager=True), ps)
+    llm = _graph_llm(model_dir, target, draft, device, capture)
+    truth = {tuple(p): out for p, out in zip(ps, plain, strict=True)}
+    llm.engine.spec = OracleDecoder(llm.engine.spec, truth, 4)
+    assert generate(llm, ps) == plain
+    assert llm.engine.runner.num_graph_verify_steps > 0
+    assert llm.engine.spec.stats.num_accepted > 0
+    assert bool(llm.engine.runner.decode_graphs.graphs) == capture
+
+
+def test_verify_steps_run_as_decode_rows_through_the_graph_path(model_dir, device):
+    """Without capture (any device): the static-buffer path, which is what the captured graphs replay."""
+    _verify_through_graphs(model_dir, device, capture=False)
+
+
+@pytest.mark.cuda
+def test_verify_steps_replay_captured_decode_graphs(model_dir, device):
+    _verify_through_graphs(model_dir, device, capture=True)
+
+
+def test_sampled_tokens_follow_plain_sampling(model_dir):
+    """With temperature and top-k, the first three tokens' distributions with speculation (random draft: mostly
+    rejections and residual draws) match plain sampling's, over 768 seeded sequences each (two-sample chi-square)."""
+    target = load_target(model_dir)
+    draft = random_draft(target, seed=5, scale=1.0)
+    prompt = prompts(1)[0]
+
+    def draws(llm) -> list[list[int]]:
+        ps = [SamplingParams(temperature=1.0, top_k=3, max_tokens=3, n=16, seed=1000 * i) for i in range(48)]
+        return [o.token_ids for r in llm.generate([prompt] * len(ps), ps) for o in r.outputs]
+
+    plain = draws(make_llm(model_dir, target, max_num_seqs=256, num_blocks=2000))
+    llm = make_llm(model_dir, target, draft, max_num_seqs=256, num_blocks=2000, num_speculative_tokens=2)
+    spec = draws(llm)
+    assert llm.engine.spec.stats.num_verifies > 0
+    for pos in range(3):
+        a, b = Counter(t[pos] for t in plain), Counter(t[pos] for t in spec)
+        keys = [k for k in set(a) | set(b) if a[k] + b[k] >= 10]
+        rare = sum(a[k] + b[k] for k in set(a) | set(b) if k not in keys)
+        stat = sum((a[k] - b[k]) ** 2 / (a[k] + b[k]) for k in keys)
+        df = len(keys) - 1 + (rare > 0)
+        assert len(keys) >= 3, pos
+        assert stat < chi_square_critical(max(df, 3)), (pos, stat, df)
+    # seeded: the same requests again give the same tokens
+    again = make_llm(model_dir, target, draft, max_num_seqs=256, num_blocks=2000, num_speculative_tokens=2)
+    assert draws(again) == spec
+
+
+def test_grammar_constrained_greedy_output_is_plain(model_dir):
+    """A JSON-object grammar with speculation forced on: drafts are checked under the matcher's masks (the
+    matcher rolled back over rejected ones) and the output equals plain constrained decoding."""
+    target = load_target(model_dir)
+    base = make_llm(model_dir, target)
+    compiler = GrammarCompiler(base.tokenizer.mistral)
+    request = ChatCompletionRequest(
+        messages=[{"role": "user", "content": "json please"}],
+        response_format=ResponseFormat(type="json_object"),
+    )
+    prompt = base.tokenizer.mistral.encode_chat_completion(request).tokens
+    vocab = target.config.text.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+
+    def run(llm) -> list[int]:
+        factory = lambda: token_mask_provider(compiler.matcher_for(request), vocab)  # noqa: E731
+        llm.engine.add_request("g", prompt, params, token_mask_factory=factory)
+        out: list[int] = []
+        while llm.engine.has_unfinished():
+            for o in llm.engine.step():
+                out += o.new_token_ids
+        return out
+
+    plain = run(base)
+    llm = make_llm(model_dir, target, random_draft(target, seed=3))
+    llm.engine.spec = OracleDecoder(llm.engine.spec, {tuple(prompt): plain}, 3)
+    assert run(llm) == plain
+    assert llm.engine.spec.stats.num_accepted > 0
+    assert llm.engine.spec.stats.num_drafts > llm.engine.spec.stats.num_accepted
+
+
+def test_demo_model_greedy_outputs_are_plain():
+    from small4.weights.embedded import embedded_model_dir
+
+    demo = embedded_model_dir()
+    target = load_target(demo)
+    base = make_llm(demo, target)
+    ps = [base.tokenizer.encode(t, bos=True) for t in ("The cat", "Once upon a time", "1 2 3 4")]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    plain = generate(base, ps, params)
+    llm = make_llm(demo, target, random_draft(target, seed=1))
+    assert generate(llm, ps, params) == plain
+    assert llm.engine.spec.stats.num_verifies > 0
