@@ -113,6 +113,14 @@ class ModelRunner:
         if getattr(self, "draft", None) is not None or path is None:
             self.draft = getattr(self, "draft", None)
             return
+        if not self.engine_cfg.num_speculative_tokens:
+            log.warning(
+                "--speculative-model %s not loaded: 0 speculative tokens (give --num-speculative-tokens K, "
+                "or --profile latency)",
+                path,
+            )
+            self.draft = None
+            return
         from small4.spec.loading import load_draft  # the draft's weights layouts live with the draft
 
         self.draft = load_draft(path, self.model, dtype=self.dtype, device=self.device)
