@@ -8,10 +8,12 @@ import math
 from collections import Counter
 
 import pytest
+import torch
 from mistral_common.protocol.instruct.request import ChatCompletionRequest, ResponseFormat
 
 from small4.chat.grammar import GrammarCompiler
 from small4.engine.cuda_graphs import DecodeGraphs
+from small4.engine.multimodal import ImageInput
 from small4.engine.sampling_params import SamplingParams
 from small4.engine.token_mask import token_mask_provider
 from small4.weights.tiny import make_tiny
@@ -131,3 +133,32 @@ def test_demo_model_greedy_outputs_are_plain():
     llm = make_llm(demo, target, random_draft(target, seed=1))
     assert generate(llm, ps, params) == plain
     assert llm.engine.spec.stats.num_verifies > 0
+
+
+@pytest.mark.parametrize("budget", [7, 4096])
+def test_image_prompt_greedy_output_is_plain(model_dir, budget):
+    """Images in the prompt (the draft embeds [IMG] rows with the image embeddings too), chunk boundaries inside
+    the image with a small budget, and a second request hitting the image's prefix blocks."""
+    target = load_target(model_dir)
+    vision = target.config.vision
+    pixels = torch.randn(3, 56, 56, generator=torch.Generator().manual_seed(0))
+    prompt = [1, 3, 1200] + [vision.image_token_id] * vision.tokens_per_image(56, 56) + [13, 1300, 4]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+
+    def run(llm) -> list[list[int]]:
+        outs = []
+        for rid in ("a", "b"):
+            llm.engine.add_request(rid, prompt, params, images=[ImageInput(pixels, b"img")])
+            tokens = []
+            while llm.engine.has_unfinished():
+                for o in llm.engine.step():
+                    tokens += o.new_token_ids
+            outs.append(tokens)
+        return outs
+
+    plain = run(make_llm(model_dir, target, max_num_batched_tokens=budget, max_num_seqs=4))
+    llm = make_llm(model_dir, target, random_draft(target, seed=3), max_num_batched_tokens=budget, max_num_seqs=4)
+    llm.engine.spec = OracleDecoder(llm.engine.spec, {tuple(prompt): plain[0]}, 3)
+    assert run(llm) == plain and plain[0] == plain[1]
+    assert llm.engine.spec.stats.num_accepted > 0
+    assert llm.engine.block_manager.prefix_cache_hits > 0
