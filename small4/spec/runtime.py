@@ -111,22 +111,23 @@ class SpeculativeDecoder:
         p = probs.new_zeros(N, k + 1, V)
         q = probs.new_zeros(N, k, V)
         drafts = torch.zeros(N, k, dtype=torch.long)
-        uniforms, noise = torch.full((N, k), 0.5), torch.ones(N, V)
+        device = probs.device
+        uniforms, noise = torch.full((N, k), 0.5, device=device), torch.ones(N, V, device=device)
         r = 0
         for i, (s, it) in enumerate(zip(seq_of, items, strict=True)):
             m = len(it.draft_token_ids)
             p[i, : m + 1] = probs[r : r + m + 1]
             q[i, :m] = self.proposals.pop(it.request.request_id)[:m]
             drafts[i, :m] = torch.tensor(it.draft_token_ids)
-            if not s.request.sampling_params.greedy:
+            if not s.request.sampling_params.greedy:  # the row's own generator: seeded requests reproduce
                 gen = s.generator if s.generator is not None else rng
-                uniforms[i, :m] = torch.rand(m, generator=gen, device=gen.device if gen else "cpu").cpu()
-                draw = torch.empty(V, device=gen.device if gen else "cpu").exponential_(generator=gen)
-                noise[i] = draw.cpu().clamp_min_(torch.finfo(torch.float32).tiny)
+                where = gen.device if gen is not None else device
+                uniforms[i, :m] = torch.rand(m, generator=gen, device=where).to(device)
+                draw = torch.empty(V, device=where).exponential_(generator=gen)
+                noise[i] = draw.to(device).clamp_min_(torch.finfo(torch.float32).tiny)
             r += m + 1
-        device = probs.device
         num = torch.tensor([len(it.draft_token_ids) for it in items], device=device)
-        accepted, final = rejection_sample(p, q, drafts.to(device), num, uniforms.to(device), noise.to(device))
+        accepted, final = rejection_sample(p, q, drafts.to(device), num, uniforms, noise)
         return self._accepted(items, offsets, seq_of, raw, rows, accepted.tolist(), final.tolist())
 
     def _accepted(self, items, offsets, seq_of, raw, rows, accepted, final) -> dict:
