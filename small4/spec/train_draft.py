@@ -161,7 +161,7 @@ def init_draft(cfg: EagleConfig, seed: int) -> EagleDraft:
 
 def _packed(trajs: list[Trajectory], target: Mistral4Model) -> dict[str, torch.Tensor]:
     """Draft inputs of a packed batch: positions p = 1..L-1 of each trajectory."""
-    ids, pos, prev_h, labels, feat, weight, lens, first = [], [], [], [], [], [], [], []
+    ids, pos, prev_h, labels, feat, answer, lens, first = [], [], [], [], [], [], [], []
     for t in trajs:
         L = len(t.tokens)
         ids.extend(t.tokens[1:])
@@ -169,7 +169,7 @@ def _packed(trajs: list[Trajectory], target: Mistral4Model) -> dict[str, torch.T
         prev_h.append(t.hidden[:-1])
         labels.append(t.greedy[1:])
         feat.append(t.hidden[1:])
-        weight.extend(1.0 if p >= t.prompt_len else -1.0 for p in range(1, L))
+        answer.extend(p >= t.prompt_len for p in range(1, L))  # where the draft proposes at inference
         first.extend([1] + [0] * (L - 2))
         lens.append(L - 1)
     with torch.no_grad():
@@ -180,7 +180,7 @@ def _packed(trajs: list[Trajectory], target: Mistral4Model) -> dict[str, torch.T
         "hidden": torch.cat(prev_h),
         "labels": torch.cat(labels),
         "features": torch.cat(feat),
-        "answer": torch.tensor(weight) > 0,
+        "answer": torch.tensor(answer, dtype=torch.bool),
         "first": torch.tensor(first, dtype=torch.bool),
         "lens": torch.tensor(lens),
     }

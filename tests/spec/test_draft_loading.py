@@ -156,3 +156,17 @@ def test_fp8_with_dynamic_activations_needs_no_activation_scales(drafts, tmp_pat
     a = load_draft(tmp_path, TARGET, dtype=torch.float32)
     b = load_draft(drafts["release", "fp8"], TARGET, dtype=torch.float32)
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+def test_fp8_follows_the_target_model(drafts, tmp_path):
+    """With a loaded target, the draft takes its dtype and keeps FP8 exactly when the target kept its own."""
+    from small4.weights.loader import load_model
+    from small4.weights.tiny import make_tiny
+
+    make_tiny(tmp_path, layout="hf", quant="fp8")
+    kept = load_model(tmp_path, dtype=torch.float32, keep_fp8=True, progress=False)
+    draft = load_draft(drafts["release", "fp8"], kept)
+    assert draft.fc.weight.dtype == torch.float8_e4m3fn and draft.norm.weight.dtype == torch.float32
+    plain = load_model(tmp_path, dtype=torch.bfloat16, progress=False)
+    draft = load_draft(drafts["release", "fp8"], plain)
+    assert draft.fc.weight.dtype == torch.bfloat16 and draft.fc.weight_scale is None
