@@ -121,18 +121,25 @@ def test_grammar_constrained_greedy_output_is_plain(model_dir):
     assert llm.engine.spec.stats.num_drafts > llm.engine.spec.stats.num_accepted
 
 
-def test_demo_model_greedy_outputs_are_plain():
+@pytest.mark.parametrize("which", ["shipped", "random"])
+def test_demo_model_greedy_outputs_are_plain(which):
+    """The embedded demo model with its shipped draft (high acceptance) and with a random one (none), batched."""
+    from small4.spec.loading import load_draft
+    from small4.spec.train_draft import DEFAULT_OUT, curriculum_prompts, held_out_seed
     from small4.weights.embedded import embedded_model_dir
 
     demo = embedded_model_dir()
     target = load_target(demo)
-    base = make_llm(demo, target)
-    ps = [base.tokenizer.encode(t, bos=True) for t in ("The cat", "Once upon a time", "1 2 3 4")]
-    params = SamplingParams(temperature=0.0, max_tokens=12)
-    plain = generate(base, ps, params)
-    llm = make_llm(demo, target, random_draft(target, seed=1))
+    ps = curriculum_prompts(demo, held_out_seed(0), 4)
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    plain = generate(make_llm(demo, target), ps, params)
+    draft = load_draft(DEFAULT_OUT, target) if which == "shipped" else random_draft(target, seed=1)
+    llm = make_llm(demo, target, draft)
     assert generate(llm, ps, params) == plain
-    assert llm.engine.spec.stats.num_verifies > 0
+    stats = llm.engine.spec.stats
+    assert stats.num_verifies > 0
+    if which == "shipped":
+        assert stats.acceptance_rate > 0.5 and stats.mean_accepted_length > 2.5
 
 
 @pytest.mark.parametrize("budget", [7, 4096])
