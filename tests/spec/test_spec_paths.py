@@ -1,6 +1,5 @@
-"""Speculative decoding beyond greedy text: the verify step through the decode graphs (static path on any device,
-captured on CUDA), sampled tokens distributed as plain sampling's (chi-square over seeded draws), a grammar-
-constrained request, and the embedded demo model."""
+"""Speculative decoding beyond greedy text: sampled tokens distributed as plain sampling's (chi-square over seeded
+draws), a grammar-constrained request, image prompts, and the embedded demo model."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import torch
 from mistral_common.protocol.instruct.request import ChatCompletionRequest, ResponseFormat
 
 from small4.chat.grammar import GrammarCompiler
-from small4.engine.cuda_graphs import DecodeGraphs
 from small4.engine.multimodal import ImageInput
 from small4.engine.sampling_params import SamplingParams
 from small4.engine.token_mask import token_mask_provider
@@ -29,37 +27,6 @@ def model_dir(tmp_path_factory):
 def chi_square_critical(df: int, z: float = 3.09) -> float:
     """The chi-square quantile at p = 0.001 (z = 3.09), Wilson-Hilferty: within a few percent for df >= 3."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
-def _graph_llm(model_dir, target, draft, device, capture: bool):
-    llm = make_llm(model_dir, target, draft, device=str(device), enforce_eager=True, max_num_seqs=4)
-    runner = llm.engine.runner
-    runner.decode_graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.pad_block, 16, 16, capture=capture)
-    return llm
-
-
-def _verify_through_graphs(model_dir, device, capture: bool) -> None:
-    target = load_target(model_dir).to(device)
-    draft = random_draft(target, seed=3).to(device)
-    ps = prompts(4)
-    plain = generate(make_llm(model_dir, target, device=str(device), enforce_eager=True), ps)
-    llm = _graph_llm(model_dir, target, draft, device, capture)
-    truth = {tuple(p): out for p, out in zip(ps, plain, strict=True)}
-    llm.engine.spec = OracleDecoder(llm.engine.spec, truth, 4)
-    assert generate(llm, ps) == plain
-    assert llm.engine.runner.num_graph_verify_steps > 0
-    assert llm.engine.spec.stats.num_accepted > 0
-    assert bool(llm.engine.runner.decode_graphs.graphs) == capture
-
-
-def test_verify_steps_run_as_decode_rows_through_the_graph_path(model_dir, device):
-    """Without capture (any device): the static-buffer path, which is what the captured graphs replay."""
-    _verify_through_graphs(model_dir, device, capture=False)
-
-
-@pytest.mark.cuda
-def test_verify_steps_replay_captured_decode_graphs(model_dir, device):
-    _verify_through_graphs(model_dir, device, capture=True)
 
 
 def test_sampled_tokens_follow_plain_sampling(model_dir):
