@@ -46,11 +46,11 @@ COMMIT=${SMALL4_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=$WORK/deps:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export TRITON_INTERPRET=0 SMALL4_KERNELS=auto SMALL4_TEST_DEVICE=cuda TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 SMALL=; TINY=; L4=4; BENCHENV=env
-PYTESTS="tests/kernels tests/engine/test_cuda_graphs.py tests/engine/test_step_inputs.py"
+PYTESTS="tests/kernels tests/engine/test_cuda_graphs.py tests/engine/test_step_inputs.py tests/spec/test_spec_graphs.py"
 L4_ARGS="--batch-sizes 1,8,64 --contexts 1024 --decode-steps 5 --warmup-steps 2 --prefill-len 2048 --repeats 2
-  --serving-concurrency 4 --serving-input-len 128 --serving-output-len 16"
+  --serving-concurrency 4 --serving-input-len 128 --serving-output-len 16 --speculative-concurrency 4"
 L36_ARGS="--batch-sizes 1,8,64,256 --contexts 1024,8192 --decode-steps 10 --warmup-steps 2 --prefill-len 8192
-  --repeats 2 --serving-concurrency 32 --serving-input-len 256 --serving-output-len 64"
+  --repeats 2 --serving-concurrency 32 --serving-input-len 256 --serving-output-len 64 --speculative-concurrency none"
 HOST_ARGS="--steps 10 --modes greedy,sampled,penalties"
 TUNE_ARGS="--dtype fp8 --tokens 4,64,1024 --repeats 5"
 TUNE_GRID='{"BLOCK_M": [16, 64], "BLOCK_N": [64, 128], "BLOCK_K": [64], "num_warps": [4], "num_stages": [3]}'

@@ -1,4 +1,5 @@
-"""small4 command line: make-tiny | generate | serve | plan | bench | demo | train-demo | eval-demo.
+"""small4 command line: make-tiny | make-tiny-draft | generate | serve | plan | bench | demo | train-demo |
+eval-demo | train-draft.
 
 Each command imports what it needs when it is registered, and ``main`` registers in full only the command it runs
 (the others by name): ``small4 bench ...`` then needs only torch and triton, never the server and chat libraries
@@ -40,6 +41,31 @@ def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
+
+
+def _make_tiny_draft(args: argparse.Namespace) -> int:
+    from small4.weights.tiny_draft import DraftSpec, make_tiny_draft
+
+    draft = DraftSpec(num_layers=args.layers, intermediate_size=args.intermediate_size)
+    out = make_tiny_draft(args.out, layout=args.layout, quant=args.quant, seed=args.seed, draft=draft)
+    print(f"wrote a tiny EAGLE draft ({args.layout} layout, {args.quant}) for `small4 make-tiny` targets to {out}")
+    return 0
+
+
+def _add_make_tiny_draft(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-tiny-draft", help="write a tiny random EAGLE draft for a make-tiny target")
+    p.add_argument("out", help="output directory")
+    p.add_argument(
+        "--layout",
+        choices=["release", "hf"],
+        default="release",
+        help="release: params.json + consolidated.safetensors (native names); hf: config.json + model.safetensors",
+    )
+    p.add_argument("--quant", choices=["none", "fp8"], default="none", help="fp8: per-tensor e4m3 matrices")
+    p.add_argument("--layers", type=int, default=1, help="draft decoder layers")
+    p.add_argument("--intermediate-size", type=int, default=96, help="width of the draft's dense MLP")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny_draft)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -114,8 +140,15 @@ def _add_eval_demo(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _add_train_draft(sub: argparse._SubParsersAction) -> None:
+    from small4.demo_model.train_draft import add_parser
+
+    add_parser(sub)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
     "make-tiny": ("write a tiny random checkpoint in the exact real layout", _add_make_tiny),
+    "make-tiny-draft": ("write a tiny random EAGLE draft for a make-tiny target", _add_make_tiny_draft),
     "generate": ("offline generation through the engine", _add_generate),
     "serve": ("OpenAI-compatible server", _add_serve),
     "plan": ("per-rank weight bytes, latent-cache tokens and the largest context that fit", _add_plan),
@@ -123,6 +156,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = 
     "demo": ("serve the embedded tiny model and talk to it with the openai client", _add_demo),
     "train-demo": ("train the tiny demo model on the chat curriculum", _add_train_demo),
     "eval-demo": ("held-out evaluation of a demo checkpoint through the real server", _add_eval_demo),
+    "train-draft": ("train the demo model's EAGLE draft on its own hidden states", _add_train_draft),
 }
 
 

@@ -38,8 +38,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "core": BASE | {"engine", "chat"},
     "chat": {"tokenizer", "config", "_face"},  # the conversation protocol: never torch (EXTERNAL below)
     "server": BASE | {"engine", "chat"},  # HTTP only: the engine through its face (FACE_ONLY), and chat
-    "demo_model": BASE | {"kernels", "model", "weights", "engine", "chat"},
-    "bench": BASE | {"kernels", "model", "weights", "engine", "parallel", "chat", "server"},
+    "demo_model": BASE | {"kernels", "model", "weights", "engine", "spec", "chat"},
+    "bench": BASE | {"kernels", "model", "weights", "engine", "spec", "parallel", "chat", "server"},
     "cli": BASE | {"weights", "engine", "parallel", "server", "bench", "demo_model", "demo", "spec", "chat"},
     "demo": BASE | {"demo_model", "weights", "server"},  # runs `small4 serve` as a process, never imports cli
 }

@@ -26,7 +26,7 @@ a ModelRunner around it. What is measured, all into one JSON file (``small4.benc
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -130,6 +130,9 @@ def run_full_bench(
             measure_serving(bench, tokenizer, c, args.serving_input_len, args.serving_output_len, max(4, 2 * c))
             for c in args.serving_concurrency
         ]
+    speculative = []
+    if args.serving_concurrency and args.num_speculative_tokens:
+        speculative = measure_speculative(bench, bench_tokenizer(bench.text.vocab_size), args, serving)
     reference, note, ratios = None, None, None
     if args.reference:
         note = reference_skip_reason(bench)
@@ -176,6 +179,7 @@ def run_full_bench(
         "decode": decode,
         "prefill": prefill,
         "serving": serving,
+        "speculative": speculative,
         "memory": {
             "weights_bytes": weights_bytes,
             "peak_allocated_bytes": _overall_peak(build_peak, decode, prefill, peak_bytes(device)),
@@ -230,6 +234,15 @@ def summary(config: dict[str, Any], results: dict[str, Any], device: str) -> str
             f"{r['output_tokens_per_s']:.0f} out tok/s, TTFT p50 {r['ttft']['p50_ms']:.1f} ms p99 "
             f"{r['ttft']['p99_ms']:.1f} ms, TPOT p50 {r['tpot']['p50_ms']:.2f} ms, ITL p99 {r['itl']['p99_ms']:.2f} ms"
         )
+    for r in results.get("speculative") or []:
+        if r["status"] != "ok":
+            lines.append(f"  speculative concurrency {r['concurrency']}: skipped: {r['reason']}")
+            continue
+        lines.append(
+            f"  speculative k={r['num_speculative_tokens']} (random draft), concurrency {r['concurrency']}: "
+            f"{r['output_tokens_per_s']:.0f} out tok/s vs {r['plain_output_tokens_per_s']:.0f} plain, acceptance "
+            f"{r['acceptance_rate']:.2f}, {r['mean_accepted_length']:.2f} tokens/step"
+        )
     peak = results["memory"]["peak_allocated_bytes"]
     if peak is not None:
         lines.append(f"  peak memory {gib(peak)}")
@@ -260,6 +273,47 @@ def _report(config: dict[str, Any], results: dict[str, Any], device: torch.devic
     return 0
 
 
+def random_draft(bench: Bench, seed: int):
+    """The released draft's architecture at the target's shapes (2 layers, MLP 12288; the tiny spec's width for
+    ``--tiny``) with random weights: acceptance is near zero, so its run measures what speculation costs."""
+    from small4.spec.eagle import EagleConfig, EagleDraft
+
+    text = bench.text
+    width = 12288 if text.hidden_size >= 1024 else 4 * text.hidden_size
+    draft = EagleDraft(EagleConfig.from_target(text, num_layers=2, intermediate_size=width))
+    draft = draft.to(device=bench.device, dtype=bench.runner.dtype)
+    g = torch.Generator(device=bench.device).manual_seed(seed)
+    for p in draft.parameters():
+        if p.dim() == 2:
+            p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
+        else:
+            p.fill_(1.0)
+    return draft
+
+
+def measure_speculative(bench: Bench, tokenizer, args: argparse.Namespace, plain: list[dict]) -> list[dict]:
+    """The serving runs again with a random draft attached (speculation on), beside the plain ones."""
+    runner, saved = bench.runner, bench.runner.engine_cfg
+    runner.attach_draft(random_draft(bench, args.seed))
+    runner.configure(replace(saved, num_speculative_tokens=args.num_speculative_tokens))
+    out = []
+    try:
+        for c, base in zip(args.serving_concurrency, plain, strict=True):
+            if c not in args.speculative_concurrency:
+                continue
+            r = measure_serving(bench, tokenizer, c, args.serving_input_len, args.serving_output_len, max(4, 2 * c))
+            r["num_speculative_tokens"] = args.num_speculative_tokens
+            r["plain_output_tokens_per_s"] = base.get("output_tokens_per_s")
+            r.setdefault("acceptance_rate", 0.0)
+            r.setdefault("mean_accepted_length", 0.0)
+            out.append(r)
+    finally:
+        runner.attach_draft(None)
+        runner.configure(saved)
+        bench.release_cache()
+    return out
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Registers ``full`` under ``small4 bench``."""
     p = sub.add_parser("full", help="decode/prefill throughput and roofline at the real shapes, random weights")
@@ -282,6 +336,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="closed-loop serving runs through the engine at these concurrencies ('none' skips them)",
     )
     p.add_argument("--serving-input-len", type=positive_int, default=1024)
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=3,
+        help="serving runs at --speculative-concurrency again with a random draft of the release's shapes (0: no)",
+    )
+    p.add_argument("--speculative-concurrency", type=_int_list_or_none, default=[1, 32])
     p.add_argument("--serving-output-len", type=positive_int, default=512)
     p.add_argument("--block-size", type=positive_int, default=16)
     p.add_argument("--max-cache-memory", type=parse_bytes, help="skip combos whose latent cache exceeds this")

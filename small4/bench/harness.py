@@ -60,7 +60,8 @@ class Bench:
 
     def cache_bytes(self, num_blocks: int) -> int:
         itemsize = torch.empty((), dtype=self.runner.cache_dtype).element_size()
-        return self.layers * num_blocks * self.runner.block_size * self.text.latent_dim * itemsize
+        layers = self.layers + self.runner.draft_layers  # a draft's latent caches share the blocks
+        return layers * num_blocks * self.runner.block_size * self.text.latent_dim * itemsize
 
     def allocate_cache(self, num_blocks: int) -> None:
         self.release_cache()  # the old cache is gone before the new one is allocated

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,29 @@ def run_small4(model_dir: Path, w: Workload, engine_cfg: EngineConfig) -> tuple[
         outputs += [r.outputs[0].token_ids for r in results]
     _check_lengths("small4", outputs, w)
     info = {"device": str(runner.device), "dtype": str(runner.dtype).removeprefix("torch."), "vocab_size": vocab}
+    if llm.engine.spec is not None:  # acceptance over the timed passes and the warm-up
+        s = llm.engine.spec.stats
+        info["speculation"] = {
+            "num_speculative_tokens": llm.engine.spec.k,
+            "acceptance_rate": s.acceptance_rate,
+            "mean_accepted_length": s.mean_accepted_length,
+            "draft_tokens": s.num_drafts,
+            "accepted_tokens": s.num_accepted,
+        }
     return Timed(seconds, outputs), info
+
+
+def run_speculative(model_dir: Path, w: Workload, engine_cfg: EngineConfig, plain: Timed, args) -> dict[str, Any]:
+    """The same workload with ``--speculative-model``: tokens/s beside the plain run, acceptance, and whether
+    the greedy outputs are the plain ones (they must be)."""
+    cfg = replace(
+        engine_cfg, speculative_model=args.speculative_model, num_speculative_tokens=args.num_speculative_tokens
+    )
+    spec, info = run_small4(model_dir, w, cfg)
+    out = {**spec.metrics(w), **info.get("speculation", {}), "speculative_model": args.speculative_model}
+    out["speedup_output_tokens_per_s"] = out["output_tokens_per_s"] / plain.metrics(w)["output_tokens_per_s"]
+    out["outputs_equal_plain"] = sum(a == b for a, b in zip(spec.outputs, plain.outputs, strict=True))
+    return out
 
 
 # ---- transformers ----------------------------------------------------------------------------------------------
@@ -222,6 +244,8 @@ def run_offline_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
     with _model_dir(args.model, args.tiny, args.seed) as (model_dir, model_info):
         ours, info = run_small4(model_dir, w, engine_cfg)
         _free_memory()
+        speculative = run_speculative(model_dir, w, engine_cfg, ours, args) if args.speculative_model else None
+        _free_memory()
         note = "disabled with --no-reference" if args.no_reference else reference_skip_reason(model_dir)
         ref = None if note else run_reference(model_dir, w, batch_size, info["device"], info["dtype"])
     config = {
@@ -230,7 +254,9 @@ def run_offline_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
         "reference_batch_size": None if note else batch_size,
         "engine_config": asdict(engine_cfg),
     }
-    return config, _results(w, ours, info, ref, note), info["device"]
+    results = _results(w, ours, info, ref, note)
+    results["small4_speculative"] = speculative
+    return config, results, info["device"]
 
 
 def _results(w: Workload, ours: Timed, info: dict[str, Any], ref: Timed | None, note: str | None) -> dict[str, Any]:
@@ -279,6 +305,15 @@ def summary(config: dict[str, Any], results: dict[str, Any], device: str) -> str
                 f"{r['requests_per_s']:9.2f} req/s {r['output_tokens_per_s']:10.1f} out tok/s "
                 f"{r['total_tokens_per_s']:10.1f} tok/s"
             )
+    spec = results.get("small4_speculative")
+    if spec is not None:
+        lines.append(
+            f"  {'speculative':<13}{spec['seconds']:8.2f} s {spec['requests_per_s']:9.2f} req/s "
+            f"{spec['output_tokens_per_s']:10.1f} out tok/s  ({spec['speedup_output_tokens_per_s']:.2f}x plain; "
+            f"k={spec.get('num_speculative_tokens')}, acceptance {spec.get('acceptance_rate', 0):.2f}, "
+            f"{spec.get('mean_accepted_length', 0):.2f} tokens/step; outputs equal plain "
+            f"{spec['outputs_equal_plain']}/{config['num_prompts'] * config['repeats']})"
+        )
     if results["ratio"] is not None:
         ratio = results["ratio"]
         lines.append(
@@ -313,5 +348,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip the transformers run")
     p.add_argument("--reference-batch-size", type=positive_int, help="prompts per transformers batch (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts (and of a --tiny model's weights)")
+    p.add_argument("--speculative-model", help="EAGLE draft: also time speculative decoding, side by side")
+    p.add_argument("--num-speculative-tokens", type=positive_int, default=3, help="drafts per step with the draft")
     p.add_argument("--out", help="result JSON path (default: bench/results/offline-<UTC time>.json)")
     p.set_defaults(func=main)

@@ -91,10 +91,14 @@ def measure_serving(
         engine = Engine(runner, tokenizer)  # captures the decode graphs here, before any timing
         _run_closed_loop(engine, bench, 1, min(input_len, 16), 4, concurrency=1, seed=-1)  # compile kernels
         timelines, wall = _run_closed_loop(engine, bench, num_requests, input_len, output_len, concurrency, seed=0)
+        spec = engine.spec.stats if engine.spec is not None else None
     finally:
         runner.configure(saved_cfg)
         bench.release_cache()
-    return {**base, "status": "ok", "num_requests": num_requests, "cache_bytes": cache, **_summarise(timelines, wall)}
+    result = {**base, "status": "ok", "num_requests": num_requests, "cache_bytes": cache, **_summarise(timelines, wall)}
+    if spec is not None:  # speculation on: how much of it the target accepted
+        result |= {"acceptance_rate": spec.acceptance_rate, "mean_accepted_length": spec.mean_accepted_length}
+    return result
 
 
 def _run_closed_loop(

@@ -207,10 +207,20 @@ class GrammarMatcher:
         return mask
 
     def _sync(self, tokens: Sequence[int]) -> None:
+        """Consume ``tokens`` past what was consumed. Output that is shorter or differs in its tail (speculative
+        decoding: drafts checked, then rejected) rolls the matcher back to the common prefix first."""
         done = len(self._consumed)
         if len(tokens) < done or (done and tokens[done - 1] != self._consumed[-1]):
-            self._fail("the output does not continue the tokens this matcher consumed (one matcher per sequence)")
-            return
+            common = 0
+            while common < min(done, len(tokens)) and int(tokens[common]) == self._consumed[common]:
+                common += 1
+            if not self._matcher.rollback(done - common):
+                self._fail(
+                    f"cannot roll the grammar back by {done - common} tokens: {_short(self._matcher.get_error())}"
+                )
+                return
+            del self._consumed[common:]
+            done = common
         for token in tokens[done:]:
             token = int(token)
             try:
@@ -240,7 +250,7 @@ class TriggeredMatcher:
     def __init__(self, inner: GrammarMatcher, trigger_id: int) -> None:
         self._inner = inner
         self._trigger_id = trigger_id
-        self._scanned = 0
+        self._seen: list[int] = []  # the output scanned for the trigger (up to and including it)
         self._start: int | None = None
 
     @property
@@ -256,13 +266,22 @@ class TriggeredMatcher:
         return self._inner.failed
 
     def advance(self, output_token_ids: Sequence[int]) -> bytes | None:
+        out, seen = output_token_ids, self._seen
+        if len(out) < len(seen) or (seen and int(out[len(seen) - 1]) != seen[-1]):
+            # the output was rolled back (speculative drafts rejected): keep what it still shares, rescan the rest
+            common = 0
+            while common < min(len(seen), len(out)) and int(out[common]) == seen[common]:
+                common += 1
+            del seen[common:]
+            if self._start is not None and self._start >= common:
+                self._start = None
         if self._start is None:
-            for i in range(self._scanned, len(output_token_ids)):
-                if int(output_token_ids[i]) == self._trigger_id:
+            for i in range(len(seen), len(out)):
+                seen.append(int(out[i]))
+                if seen[-1] == self._trigger_id:
                     self._start = i
                     break
             else:
-                self._scanned = len(output_token_ids)
                 return None
         return self._inner.advance(output_token_ids[self._start :])
 

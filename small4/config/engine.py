@@ -9,9 +9,20 @@ from small4.config.model import AttentionScaleMode, require
 
 PROFILES: dict[str, dict[str, int]] = {
     # small batches and small chunks: each step is short, so time to first token and per-token latency stay low
-    "latency": {"max_num_seqs": 16, "max_num_batched_tokens": 512, "long_prefill_token_threshold": 256},
-    # big steps: many sequences and a large token budget, for aggregate tokens/s
-    "throughput": {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "long_prefill_token_threshold": 0},
+    # with a draft model, 3 speculative tokens per step
+    "latency": {
+        "max_num_seqs": 16,
+        "max_num_batched_tokens": 512,
+        "long_prefill_token_threshold": 256,
+        "num_speculative_tokens": 3,
+    },
+    # big steps: many sequences and a large token budget, for aggregate tokens/s (no speculation unless asked)
+    "throughput": {
+        "max_num_seqs": 256,
+        "max_num_batched_tokens": 8192,
+        "long_prefill_token_threshold": 0,
+        "num_speculative_tokens": 0,
+    },
 }
 
 
@@ -40,6 +51,9 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs for decode steps (they are captured only on a GPU anyway)
     seed: int = 0
     attention_scale_mscale: AttentionScaleMode = "auto"  # see decide_attention_scale
+    # speculative decoding: the EAGLE draft's directory, and drafts per step (0: off; None: the profile's)
+    speculative_model: str | None = None
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         require(self.profile in PROFILES, "profile", f"must be one of {sorted(PROFILES)}")
@@ -52,6 +66,7 @@ class EngineConfig:
         require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
         require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")
         require(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
+        require(0 <= self.num_speculative_tokens <= 16, "num_speculative_tokens", "must be in [0, 16]")
         require(
             self.attention_scale_mscale in ("auto", "on", "off"), "attention_scale_mscale", "must be auto, on or off"
         )

@@ -72,6 +72,10 @@ class EngineStats:
     num_requests_total: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    # speculative decoding (zeros without a draft model): drafts verified, accepted, sequence-steps that verified
+    spec_draft_tokens_total: int = 0
+    spec_accepted_tokens_total: int = 0
+    spec_verify_steps_total: int = 0
 
 
 # ---- commands through the inbox (front -> engine thread) --------------------------------------------------
@@ -503,6 +507,7 @@ class AsyncEngine:
             num_requests_total=requests,
             prompt_tokens_total=prompt,
             generation_tokens_total=generated,
+            **_spec_stats(self._engine),
         )
 
     def _die(self, exc: BaseException) -> None:
@@ -526,3 +531,15 @@ def _dead_copy(error: EngineDeadError) -> EngineDeadError:
     copy = EngineDeadError(*error.args)
     copy.__cause__ = error.__cause__
     return copy
+
+
+def _spec_stats(engine: Engine) -> dict[str, int]:
+    spec = getattr(engine, "spec", None)
+    if spec is None:
+        return {}
+    s = spec.stats
+    return {
+        "spec_draft_tokens_total": s.num_drafts,
+        "spec_accepted_tokens_total": s.num_accepted,
+        "spec_verify_steps_total": s.num_verifies,
+    }

@@ -25,6 +25,7 @@ from small4.engine.request import Request, RequestStatus
 from small4.engine.sampler import Sampler, SamplingBatch, TokenLogprobs, seeded_generator
 from small4.engine.sampling_params import SamplingParams
 from small4.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from small4.spec.runtime import SpeculativeDecoder
 from small4.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ class Engine:
             self.runner.num_blocks, self.engine_cfg.block_size, self.engine_cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(self._scheduler_config(), self.block_manager)
-        self.runner.prepare_decode_graphs(self.max_model_len, self.engine_cfg.max_num_seqs)
+        spec_rows = 1 + (self.engine_cfg.num_speculative_tokens or 0) if getattr(runner, "draft", None) else 1
+        # with a draft, a verify step is (1 + k) decode rows per sequence through the same graphs
+        self.runner.prepare_decode_graphs(self.max_model_len, self.engine_cfg.max_num_seqs * spec_rows)
         self.sampler = Sampler()
         # unseeded requests draw from this one generator: a restarted engine with the same seed reproduces them
         self.rng = seeded_generator(self.engine_cfg.seed, self.runner.device)
@@ -83,6 +86,12 @@ class Engine:
         self.children: dict[str, list[str]] = {}
         self.num_preemptions = 0
         self.num_steps = 0
+        self.spec: SpeculativeDecoder | None = None
+        k = self.engine_cfg.num_speculative_tokens
+        if getattr(self.runner, "draft", None) is not None and k:
+            self.spec = SpeculativeDecoder(
+                self.runner, self.block_manager, k, self.max_model_len, self.tokenizer.eos_id
+            )
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, engine_cfg: EngineConfig | None = None) -> Engine:
@@ -165,6 +174,8 @@ class Engine:
         for seq_id in self.children.pop(request_id, []):
             self.scheduler.abort_request(seq_id)
             self.sampler.release(seq_id)
+            if self.spec is not None:
+                self.spec.release(seq_id)
             seq = self.sequences.pop(seq_id, None)
             if seq is not None:
                 outputs.append(self._output(seq, [], "", []))
@@ -188,13 +199,42 @@ class Engine:
         parents = list(dict.fromkeys(s.parent_id for s in seqs if s is not None))
         try:
             batch = self.runner.execute(plan)
-            sampled = self._sample(batch.request_ids, batch.logits)
-            self.scheduler.update_from_output(plan, {rid: tok for rid, (tok, _) in sampled.items()})
-            return self._emit(plan, sampled)
+            if self.spec is None:
+                sampled = self._sample(batch.request_ids, batch.logits)
+                self.scheduler.update_from_output(plan, {rid: tok for rid, (tok, _) in sampled.items()})
+                return self._emit(plan, sampled)
+            return self._speculative_step(plan, batch)
         except Exception as exc:
             for parent in parents:
                 self.abort_request(parent)
             raise StepFailedError(parents, exc) from exc
+
+    def _speculative_step(self, plan: SchedulerOutput, batch) -> list[RequestOutput]:
+        """The step's second half with a draft model: verify drafts (plain sampling for the other rows), let the
+        scheduler accept, emit, then draft for the next step (small4/spec/runtime.py)."""
+        verified = self.spec.verify(plan, batch.logits, self.sequences, self.rng)
+        rows, ids, row = [], [], 0
+        for item in plan.scheduled:
+            if item.samples:
+                if not item.draft_token_ids:
+                    rows.append(row)
+                    ids.append(item.request.request_id)
+                row += 1 + len(item.draft_token_ids)
+        logits = (
+            batch.logits
+            if len(rows) == row
+            else batch.logits[torch.tensor(rows, dtype=torch.long, device=batch.logits.device)]
+        )
+        sampled = self._sample(ids, logits)
+        tokens = {rid: toks for rid, (toks, _) in verified.items()} | {rid: t for rid, (t, _) in sampled.items()}
+        before = {rid: self.sequences[rid].request.num_output_tokens for rid in verified}
+        self.scheduler.update_from_output(plan, tokens)
+        for rid, (toks, lps) in verified.items():  # a stop inside the accepted run drops the tokens after it
+            n = self.sequences[rid].request.num_output_tokens - before[rid]
+            verified[rid] = (toks[:n], lps[:n])
+        outputs = self._emit(plan, sampled | verified)
+        self.spec.propose(plan, batch, self.sequences, self.rng)
+        return outputs
 
     def _sample(self, request_ids: list[str], logits: torch.Tensor) -> dict[str, tuple[int, TokenLogprobs | None]]:
         if not request_ids:
@@ -225,17 +265,38 @@ class Engine:
             seq = self.sequences[rid]
             token, logprob = sampled[rid]
             seq.first_token_time = seq.first_token_time or now
-            text = "" if _is_stop_token(seq.request, token) else seq.detokenizer.add(token)
-            if seq.detokenizer.stopped is not None:
-                self._finish_by_stop_string(seq)
-            elif seq.request.is_finished:
-                text += seq.detokenizer.flush()
-            lps = [logprob] if logprob is not None else []
+            if isinstance(token, list):  # a verified speculative run: one or more tokens
+                tokens, lps, text = self._emit_run(seq, token, logprob)
+            else:
+                tokens, lps = [token], [logprob] if logprob is not None else []
+                text = "" if _is_stop_token(seq.request, token) else seq.detokenizer.add(token)
+                if seq.detokenizer.stopped is not None:
+                    self._finish_by_stop_string(seq)
+                elif seq.request.is_finished:
+                    text += seq.detokenizer.flush()
             seq.logprobs.extend(lps)
-            outputs.append(self._output(seq, [token], text, lps))
+            outputs.append(self._output(seq, tokens, text, lps))
+            if item.draft_token_ids:
+                outputs[-1].num_accepted_this_step = len(tokens) - 1
             if seq.request.is_finished:
                 self._forget(seq)
         return outputs
+
+    def _emit_run(self, seq: _Sequence, tokens: list[int], lps: list) -> tuple[list[int], list, str]:
+        """Detokenize a run of tokens; a stop string inside it ends the sequence there (later tokens dropped)."""
+        text = ""
+        for n, token in enumerate(tokens):
+            last = n == len(tokens) - 1
+            text += "" if last and _is_stop_token(seq.request, token) else seq.detokenizer.add(token)
+            if seq.detokenizer.stopped is not None:
+                drop = len(tokens) - n - 1
+                if drop:
+                    del seq.request.output_token_ids[-drop:]
+                self._finish_by_stop_string(seq)
+                return tokens[: n + 1], lps[: n + 1], text
+        if seq.request.is_finished:
+            text += seq.detokenizer.flush()
+        return tokens, lps, text
 
     def _finish_by_stop_string(self, seq: _Sequence) -> None:
         stop = seq.detokenizer.stopped
@@ -247,6 +308,8 @@ class Engine:
     def _forget(self, seq: _Sequence) -> None:
         del self.sequences[seq.request.request_id]
         self.sampler.release(seq.request.request_id)
+        if self.spec is not None:
+            self.spec.release(seq.request.request_id)
         siblings = self.children.get(seq.parent_id, [])
         if all(s not in self.sequences for s in siblings):
             self.children.pop(seq.parent_id, None)
@@ -267,6 +330,9 @@ class Engine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens,
             num_cached_tokens=req.num_cached_prompt_tokens,
+            num_draft_tokens=req.num_draft_tokens,
+            num_accepted_draft_tokens=req.num_accepted_draft_tokens,
+            num_verify_steps=req.num_verify_steps,
         )
 
 
@@ -289,6 +355,13 @@ class LLM:
         self.engine = Engine.from_model_dir(model_dir, cfg)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> LLM:
+        """The offline API over an engine built some other way (a runner with an in-process draft model)."""
+        llm = cls.__new__(cls)
+        llm.engine, llm.tokenizer, llm._counter = engine, engine.tokenizer, 0
+        return llm
 
     def generate(
         self,

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from small4.config import EngineConfig, ModelConfig
-from small4.engine.cuda_graphs import DecodeGraphs
+from small4.engine.cuda_graphs import DecodeGraphs, _padded_table
 from small4.engine.multimodal import MultiModalInputs
 from small4.engine.request import Request
 from small4.engine.scheduler import ScheduledRequest, SchedulerOutput
-from small4.engine.step_inputs import StepInputs
+from small4.engine.step_inputs import StepInputs, token_slice
 from small4.kernels.backend import kernel_backend
+from small4.kernels.registry import apply_backend
 from small4.model.context import AttentionMetadata
 from small4.model.mistral4 import Mistral4Model
 from small4.weights.loader import load_model
@@ -52,7 +53,14 @@ class StepBatch:
     """What one forward pass consumed: which requests sample, and the rows of their last tokens."""
 
     request_ids: list[str]  # requests that sample a token this step, in order
-    logits: torch.Tensor  # [len(request_ids), vocab] float32
+    logits: torch.Tensor  # [len(request_ids), vocab] float32; [sum(drafts + 1)] rows when drafts are verified
+    # with a draft model attached: every row's hidden state (what the draft takes) and the step's layout
+    hidden: torch.Tensor | None = None  # [T, hidden]
+    input_ids: torch.Tensor | None = None  # [T]
+    positions: torch.Tensor | None = None  # [T]
+    meta: AttentionMetadata | None = None
+    images: tuple[torch.Tensor, torch.Tensor] | None = None
+    item_starts: list[int] | None = None  # each item's first row, when not ``meta.query_start_loc`` (graph verify)
 
 
 def _encode_images(model: Mistral4Model, mm: MultiModalInputs, device: torch.device, dtype: torch.dtype) -> None:
@@ -71,15 +79,20 @@ def _has_image_slot(item: ScheduledRequest) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model: Mistral4Model, engine_cfg: EngineConfig, num_blocks: int | None = None) -> None:
+    def __init__(
+        self, model: Mistral4Model, engine_cfg: EngineConfig, num_blocks: int | None = None, draft=None
+    ) -> None:
         """A runner around a built model, on the model's device and in its dtype. ``num_blocks`` overrides the cache
-        size that the memory budget would give (benchmarks); ``from_model_dir`` loads a checkpoint first."""
+        size that the memory budget would give (benchmarks); ``from_model_dir`` loads a checkpoint first. ``draft``
+        is a ``small4.spec.eagle.EagleDraft`` for speculative decoding (else ``engine_cfg.speculative_model`` loads
+        one)."""
         if isinstance(model, (str, Path)):
             raise TypeError("ModelRunner(model, engine_cfg) takes a built model; use ModelRunner.from_model_dir")
         self.engine_cfg = engine_cfg
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.model = model
+        self.draft = draft
         self._setup(num_blocks)
 
     @classmethod
@@ -95,6 +108,23 @@ class ModelRunner:
         )
         return cls(model, engine_cfg)
 
+    def _load_draft(self) -> None:
+        """The EAGLE draft named by ``engine_cfg.speculative_model`` (None without one)."""
+        path = self.engine_cfg.speculative_model
+        if self.draft is not None or path is None:
+            return
+        if not self.engine_cfg.num_speculative_tokens:
+            log.warning(
+                "--speculative-model %s not loaded: 0 speculative tokens (give --num-speculative-tokens K, "
+                "or --profile latency)",
+                path,
+            )
+            self.draft = None
+            return
+        from small4.spec.loading import load_draft  # the draft's weights layouts live with the draft
+
+        self.draft = load_draft(path, self.model, dtype=self.dtype, device=self.device)
+
     def _setup(self, num_blocks: int | None = None) -> None:
         engine_cfg = self.engine_cfg
         self.model.set_attn_impl(engine_cfg.attn_impl)
@@ -102,6 +132,8 @@ class ModelRunner:
         self.config: ModelConfig = self.model.config
         self.block_size = engine_cfg.block_size
         self.cache_dtype = cache_dtype(engine_cfg, self.dtype)
+        self._load_draft()
+        self.attach_draft(self.draft)
         self.allocate_cache(num_blocks or self._num_blocks())
         log.info("max tokens in cache: %d (%d blocks of %d)", self.max_cached_tokens, self.num_blocks, self.block_size)
 
@@ -127,11 +159,24 @@ class ModelRunner:
         self.kv_caches = [
             torch.empty(shape, dtype=self.cache_dtype, device=self.device) for _ in range(text.num_layers)
         ]
+        # the draft's layers get latent caches of the same layout: same blocks, same slots as the target's
+        self.draft_kv_caches = [
+            torch.empty(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.draft_layers)
+        ]
         self.inputs = StepInputs(self.device, self.block_size, self.pad_block)
+
+    def attach_draft(self, draft) -> None:
+        """Speculates with ``draft`` (an ``EagleDraft`` on the runner's device, or None for none) from the next cache
+        on: its layers' latent caches come with ``allocate_cache``, so allocate one after this (benchmarks)."""
+        self.draft = draft
+        if draft is not None:
+            draft.set_attn_impl(self.engine_cfg.attn_impl)
+            apply_backend(draft, kernel_backend(self.device))  # the draft's kernels: the target's choice
 
     def release_cache(self) -> None:
         """Drops the latent cache and the graphs captured over it (benchmarks size one cache per measurement)."""
         self.kv_caches: list[torch.Tensor] = []
+        self.draft_kv_caches: list[torch.Tensor] = []
         self.decode_graphs: DecodeGraphs | None = None
 
     def capture_decode_graphs(
@@ -146,10 +191,15 @@ class ModelRunner:
         return self.decode_graphs
 
     @property
+    def draft_layers(self) -> int:
+        return 0 if self.draft is None else self.draft.config.num_layers
+
+    @property
     def bytes_per_block(self) -> int:
+        """One block's bytes over every layer that caches latents: the target's and the draft's."""
         text = self.config.text
         itemsize = torch.empty((), dtype=self.cache_dtype).element_size()
-        return text.num_layers * self.block_size * text.latent_dim * itemsize
+        return (text.num_layers + self.draft_layers) * self.block_size * text.latent_dim * itemsize
 
     @property
     def max_cached_tokens(self) -> int:
@@ -204,7 +254,11 @@ class ModelRunner:
         graphs, items = self.decode_graphs, plan.scheduled
         if graphs is None or not items or len(items) > graphs.max_batch:
             return None
+        if self.draft is not None and self.draft.config.target_hidden == "prenorm":  # the graphs give normed rows
+            return None
         width = graphs.max_blocks_per_seq
+        if any(item.draft_token_ids for item in items):
+            return self._graph_verify_step(plan)
         for item in items:  # one pass: this runs for every sequence of every decode step
             if item.num_new_tokens != 1 or len(item.request.block_ids) > width:
                 return None
@@ -213,7 +267,51 @@ class ModelRunner:
         step = self.inputs.stage(items, plan.preempted)
         hidden = graphs.run(step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.seq_lens)
         ids = [item.request.request_id for item in items if item.samples]
-        return StepBatch(ids, self.model.compute_logits(self._sampled_hidden(hidden, step)))
+        batch = StepBatch(ids, self.model.compute_logits(self._sampled_hidden(hidden, step)))
+        if self.draft is not None:
+            meta = self._step_meta(step)
+            batch.hidden, batch.input_ids, batch.positions, batch.meta = hidden, step.input_ids, step.positions, meta
+        return batch
+
+    def _graph_verify_step(self, plan: SchedulerOutput) -> StepBatch | None:
+        """Speculative verification through the decode graphs: a chunk of the last token and m drafts becomes
+        m + 1 decode rows of the same sequence (same block table, lengths start + 1 .. start + m + 1). Every
+        latent is written before attention reads, so row j attends to exactly the causal prefix a chunk would
+        show it, through the decode kernel plain decoding uses. None when the step does not fit the graphs."""
+        graphs, items = self.decode_graphs, plan.scheduled
+        tokens, positions, slots, tables, lens, starts = [], [], [], [], [], []
+        for item in items:
+            req = item.request
+            m = len(item.draft_token_ids)
+            if item.num_new_tokens != m + 1 or len(req.block_ids) > graphs.max_blocks_per_seq:
+                return None
+            if req.mm_inputs is not None and _has_image_slot(item):
+                return None
+            starts.append(len(tokens))
+            tokens += token_slice(req, item.start, item.start + 1) + list(item.draft_token_ids)
+            for pos in range(item.start, item.start + m + 1):
+                positions.append(pos)
+                slots.append(self.slot(req, pos))
+                tables.append(req.block_ids)
+                lens.append(pos + 1)
+        if len(tokens) > graphs.max_batch:
+            return None
+        hidden = graphs.run(tokens, positions, slots, tables, lens)
+        ids = [item.request.request_id for item in items]
+        batch = StepBatch(ids, self.model.compute_logits(hidden))
+        dev = self.device
+        batch.hidden, batch.item_starts = hidden, starts
+        batch.input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+        batch.positions = torch.tensor(positions, dtype=torch.long, device=dev)
+        batch.meta = AttentionMetadata(
+            query_start_loc=list(range(len(tokens) + 1)),
+            seq_lens=lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=_padded_table(tables, self.pad_block).to(dev),
+            block_size=self.block_size,
+        )
+        self.num_graph_verify_steps = getattr(self, "num_graph_verify_steps", 0) + 1
+        return batch
 
     @staticmethod
     def _sampled_hidden(hidden: torch.Tensor, step) -> torch.Tensor:
@@ -227,7 +325,16 @@ class ModelRunner:
             return graphed
         items = plan.scheduled
         step = self.inputs.stage(items, plan.preempted)
-        meta = AttentionMetadata(
+        meta = self._step_meta(step)
+        images = self._image_rows(items, step.query_start_loc)
+        ids = [item.request.request_id for item in items if item.samples]
+        if self.draft is not None:
+            logits, hidden = self.forward_with_hidden(step.input_ids, step.positions, meta, step.sample_rows, images)
+            return StepBatch(ids, logits, hidden, step.input_ids, step.positions, meta, images)
+        return StepBatch(ids, self.forward_step(step.input_ids, step.positions, meta, step.sample_rows, images))
+
+    def _step_meta(self, step) -> AttentionMetadata:
+        return AttentionMetadata(
             query_start_loc=step.query_start_loc,
             seq_lens=step.seq_lens_list,
             slot_mapping=step.slot_mapping,
@@ -235,9 +342,37 @@ class ModelRunner:
             block_size=self.block_size,
             seq_lens_tensor=step.seq_lens,
         )
-        images = self._image_rows(items, step.query_start_loc)
-        ids = [item.request.request_id for item in items if item.samples]
-        return StepBatch(ids, self.forward_step(step.input_ids, step.positions, meta, step.sample_rows, images))
+
+    def forward_with_hidden(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        sample_rows: torch.Tensor,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward_step`` that also returns every row's hidden state in the form the draft takes (after the
+        final norm, or before it for a ``target_hidden="prenorm"`` draft): (logits of ``sample_rows``, [T, hidden]).
+        Single-device only (the parallel driver overrides ``forward_step``, not this)."""
+        embeds = None if images is None else self.model.embed(ids, images[1], images[0])
+        prenorm = self.model.forward_prenorm(ids, positions, meta, self.kv_caches, inputs_embeds=embeds)
+        normed = self.model.norm(prenorm)
+        picked = normed if sample_rows.numel() == normed.shape[0] else normed.index_select(0, sample_rows)
+        hidden = prenorm if self.draft.config.target_hidden == "prenorm" else normed
+        return self.model.compute_logits(picked), hidden
+
+    def draft_forward(
+        self,
+        next_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The draft over a flat batch through its own caches: row t pairs token ``next_ids[t]`` (embedded by the
+        target, image rows merged) with ``hidden[t]`` at ``positions[t]`` -> the draft's hidden [T, hidden]."""
+        embeds = self.model.embed(next_ids, *(images[::-1] if images is not None else ()))
+        return self.draft(embeds, hidden, positions, meta, self.draft_kv_caches)
 
     def forward_step(
         self,

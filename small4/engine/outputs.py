@@ -25,6 +25,11 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    # speculative decoding: drafts accepted in this step (None: it verified none), and the sequence's totals
+    num_accepted_this_step: int | None = None
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
+    num_verify_steps: int = 0
 
 
 @dataclass

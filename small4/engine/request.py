@@ -49,6 +49,12 @@ class Request:
     num_preemptions: int = 0
     block_hash_extras: list[bytes | None] | None = None
     mm_inputs: object | None = None  # engine.multimodal.MultiModalInputs; opaque to the scheduler
+    # speculative decoding: the draft's proposals for the tokens after the last sampled one (verified next step;
+    # their cache slots are already allocated), and what verification made of this request's drafts so far
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
+    num_verify_steps: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:

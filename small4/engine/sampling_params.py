@@ -40,6 +40,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # special tokens rendered as text even when skipping the others (the chat parser's [THINK], [TOOL_CALLS], ...)
     kept_special_token_ids: tuple[int, ...] = ()
+    # speculative decoding for this request: None (auto) and True speculate when the engine has a draft, False not
+    speculative: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -50,12 +50,14 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ScheduledRequest:
     """Compute tokens ``[start, start + num_new_tokens)`` of ``request``; sample one token if ``samples``
-    (the chunk reaches the end of the request's tokens)."""
+    (the chunk reaches the end of the request's tokens). With ``draft_token_ids`` (speculative decoding) the chunk
+    is the last sampled token followed by these drafts, and verification samples 1 to len(drafts) + 1 tokens."""
 
     request: Request
     num_new_tokens: int
     start: int
     samples: bool
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -179,10 +181,7 @@ class Scheduler:
                 self._schedule_running(request, plan)
         if not plan.preempted:  # the cache is short: admitting more would only thrash it
             self._admit_waiting(plan)
-        scheduled = [
-            ScheduledRequest(r, n, r.num_computed_tokens, r.num_computed_tokens + n == r.num_tokens)
-            for r, n in plan.granted.items()
-        ]
+        scheduled = [_scheduled(r, n) for r, n in plan.granted.items()]
         return SchedulerOutput(scheduled=scheduled, preempted=plan.preempted)
 
     def _chunk(self, num_tokens: int, budget: int) -> int:
@@ -196,6 +195,8 @@ class Scheduler:
 
     def _schedule_running(self, request: Request, plan: _StepPlan) -> None:
         num_new = self._chunk(request.num_tokens - request.num_computed_tokens, plan.budget)
+        if request.draft_token_ids and num_new == 1:  # a decode with drafts verifies them too, budget permitting
+            num_new += min(len(request.draft_token_ids), plan.budget - 1)
         if num_new == 0:
             return
         while (new_blocks := self.block_manager.allocate_slots(request, num_new)) is None:
@@ -212,6 +213,7 @@ class Scheduler:
         plan.revoke(request)  # a decode granted earlier in this step
         self.block_manager.free(request)
         request.num_computed_tokens = 0
+        request.draft_token_ids = []  # their slots are gone; the draft catches up again during the recompute
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -248,6 +250,10 @@ class Scheduler:
             if request.is_finished:  # aborted between schedule() and now
                 continue
             token = sampled.get(request.request_id)
+            if item.draft_token_ids:
+                if self._update_verified(request, item, token):
+                    finished.append(request)
+                continue
             if (token is not None) != item.samples:
                 rid = request.request_id
                 raise ValueError(f"request {rid!r}: sampled token {token!r} but samples={item.samples}")
@@ -264,6 +270,30 @@ class Scheduler:
         if finished:
             self.running = [r for r in self.running if not r.is_finished]
         return finished
+
+    def _update_verified(self, request: Request, item: ScheduledRequest, tokens) -> bool:
+        """A speculative decode: ``tokens`` are the accepted drafts then the target's own token. Only the
+        positions whose tokens were accepted count as computed (the rejected drafts' slots are overwritten later,
+        and the prefix cache never hashes them); tokens after a stop are dropped. Returns whether it finished."""
+        tokens = list(tokens or [])
+        num_drafts = len(item.draft_token_ids)
+        if not 1 <= len(tokens) <= num_drafts + 1 or tokens[:-1] != list(item.draft_token_ids[: len(tokens) - 1]):
+            raise ValueError(f"request {request.request_id!r}: {tokens} does not verify drafts {item.draft_token_ids}")
+        request.draft_token_ids = []
+        request.num_computed_tokens += item.num_new_tokens - num_drafts + len(tokens) - 1
+        request.num_draft_tokens += num_drafts
+        request.num_accepted_draft_tokens += len(tokens) - 1
+        request.num_verify_steps += 1
+        for token in tokens:
+            request.output_token_ids.append(token)
+            status, stop_reason = self._check_stop(request, token)
+            if status is not None:
+                self.block_manager.cache_full_blocks(request)
+                del self._requests[request.request_id]
+                self._retire(request, status, stop_reason)
+                return True
+        self.block_manager.cache_full_blocks(request)
+        return False
 
     def _check_stop(self, request: Request, token: int) -> tuple[RequestStatus | None, int | None]:
         """EOS and stop ids end a request only once ``min_tokens`` are out; they win over the length limit
@@ -282,3 +312,11 @@ class Scheduler:
         self.block_manager.free(request)
         request.status = status
         request.stop_reason = stop_reason
+
+
+def _scheduled(request: Request, num_new: int) -> ScheduledRequest:
+    """The plan entry for a grant; a grant past the request's tokens carries that many of its drafts."""
+    start = request.num_computed_tokens
+    extra = start + num_new - request.num_tokens
+    drafts = tuple(request.draft_token_ids[:extra]) if extra > 0 else ()
+    return ScheduledRequest(request, num_new, start, start + num_new >= request.num_tokens, drafts)

@@ -136,6 +136,7 @@ class StepInputs:
         rows = [self._table_row(it.request, table) for it in items]
         for it in items:
             tokens.extend(token_slice(it.request, it.start, it.start + it.num_new_tokens))
+            tokens.extend(getattr(it, "draft_token_ids", ()))  # speculative decoding: verified with the last token
         if T == B:  # decode only (one token each): plain lists beat numpy's per-call cost at these sizes
             positions = [it.start for it in items]
             bs = self.block_size
@@ -145,6 +146,8 @@ class StepInputs:
             qsl = list(range(B + 1))
         else:
             positions, slots, sample_rows, seq_lens, qsl = self._chunk_layout(items, rows)
+            if any(getattr(it, "draft_token_ids", ()) for it in items):
+                sample_rows = _verify_rows(items, qsl)
         S = len(sample_rows)
         ints = self._ints_np
         ints[:T] = tokens
@@ -189,3 +192,13 @@ class StepInputs:
         slots = self._table_np[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         sample = np.fromiter((it.samples for it in items), dtype=bool, count=B)
         return positions, slots, qsl[1:][sample] - 1, starts + counts, qsl
+
+
+def _verify_rows(items: Sequence, qsl: np.ndarray) -> np.ndarray:
+    """Sampled rows when some chunks verify drafts: a chunk with m drafts samples its last m + 1 rows."""
+    rows = [
+        np.arange(qsl[i + 1] - 1 - len(getattr(it, "draft_token_ids", ())), qsl[i + 1])
+        for i, it in enumerate(items)
+        if it.samples
+    ]
+    return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)

@@ -81,10 +81,22 @@ class Mistral4Model(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids / positions [T] -> final-normed hidden states [T, hidden]."""
+        return self.norm(self.forward_prenorm(input_ids, positions, meta, kv_caches, inputs_embeds))
+
+    def forward_prenorm(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The last layer's output before the final norm [T, hidden] (what an EAGLE draft trained on pre-norm
+        states takes; ``forward`` is ``norm`` of this)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, meta, None if kv_caches is None else kv_caches[i])
-        return self.norm(x)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""

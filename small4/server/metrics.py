@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from small4.engine import EngineStats
@@ -27,6 +27,18 @@ class _EngineCollector(Collector):
         )
         yield GaugeMetricFamily(
             "small4_prefix_cache_hit_rate", "prefix-cache hits / queries (tokens)", value=s.prefix_cache_hit_rate
+        )
+        drafts, accepted, verifies = s.spec_draft_tokens_total, s.spec_accepted_tokens_total, s.spec_verify_steps_total
+        yield CounterMetricFamily("small4_spec_draft_tokens", "speculative draft tokens verified", value=drafts)
+        yield CounterMetricFamily("small4_spec_accepted_tokens", "speculative draft tokens accepted", value=accepted)
+        yield CounterMetricFamily("small4_spec_verify_steps", "sequence-steps that verified drafts", value=verifies)
+        yield GaugeMetricFamily(
+            "small4_spec_acceptance_rate", "accepted / verified draft tokens", value=accepted / drafts if drafts else 0
+        )
+        yield GaugeMetricFamily(
+            "small4_spec_mean_accepted_length",
+            "tokens emitted per verifying sequence-step (accepted drafts + 1)",
+            value=(accepted + verifies) / verifies if verifies else 0,
         )
 
 
@@ -54,7 +66,35 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("small4_prompt_tokens", "prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("small4_generation_tokens", "generated tokens", registry=r)
+        self.spec_step_length = Histogram(
+            "small4_spec_accepted_length_per_step",
+            "tokens one sequence emitted in a verifying step (accepted drafts + 1)",
+            buckets=tuple(range(1, 18)),
+            registry=r,
+        )
+        self.spec_request_acceptance = Histogram(
+            "small4_spec_request_acceptance_rate",
+            "per finished sequence that speculated: accepted / verified draft tokens",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
+        self.spec_request_length = Histogram(
+            "small4_spec_request_mean_accepted_length",
+            "per finished sequence that speculated: tokens per verifying step",
+            buckets=tuple(range(1, 18)),
+            registry=r,
+        )
         r.register(_EngineCollector(stats))
+
+    def observe_speculation(self, out) -> None:
+        """Per-step and per-sequence speculation figures from one engine output (a ``RequestOutput``)."""
+        if out.num_accepted_this_step is not None:
+            self.spec_step_length.observe(out.num_accepted_this_step + 1)
+        if out.finished and out.num_verify_steps:
+            self.spec_request_acceptance.observe(out.num_accepted_draft_tokens / max(out.num_draft_tokens, 1))
+            self.spec_request_length.observe(
+                (out.num_accepted_draft_tokens + out.num_verify_steps) / out.num_verify_steps
+            )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -77,6 +77,9 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # ids checked by ServerContext
     include_stop_str_in_output: bool = False
+    # small4: speculative decoding for this request (with a draft model); "auto" (default) is off for structured
+    # output, where drafts are rarely accepted, and on otherwise
+    speculative: bool | Literal["auto"] = "auto"
 
     @field_validator("stop")
     @classmethod
@@ -143,7 +146,18 @@ class _SamplingFields(_Strict):
             logprobs=logprobs,
             skip_special_tokens=True,
             kept_special_token_ids=kept_special_token_ids,
+            speculative=self.speculative_choice(),
         )
+
+    def speculative_choice(self) -> bool | None:
+        """The engine's ``SamplingParams.speculative``: False when asked (or by ``auto`` for structured output),
+        None (the engine's default: speculate when it can) otherwise."""
+        if self.speculative == "auto":
+            return False if self.structured_output() else None
+        return self.speculative
+
+    def structured_output(self) -> bool:
+        return False
 
 
 class ChatMessage(BaseModel):
@@ -198,6 +212,12 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def structured_output(self) -> bool:
+        """JSON output or a forced tool call: a grammar constrains every token (tool_choice auto does not)."""
+        fmt = (self.response_format or {}).get("type", "text")
+        forced = self.tool_choice in ("required", "any") or isinstance(self.tool_choice, dict)
+        return fmt in ("json_schema", "json_object") or (forced and bool(self.tools))
 
 
 class CompletionRequest(_SamplingFields):

@@ -80,6 +80,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="separate: the engine core (schedule, forward, sample, detokenize) in its own process, talking to "
         "this one over ZMQ + msgpack (small4/core/); inline: an engine thread in the API process",
     )
+    p.add_argument("--speculative-model", default=None, help="EAGLE draft directory: speculative decoding")
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        help="drafts per step (default: 3 with --profile latency, else 0 = off; needs --speculative-model)",
+    )
     add_parallel_arguments(p)
 
 
@@ -125,9 +132,13 @@ def node_layout(args: argparse.Namespace):
 
 
 def build_from_args(args: argparse.Namespace):
-    from small4.weights import embedded_model_dir
+    from small4.weights import embedded_draft_dir, embedded_model_dir
 
     model_dir = Path(args.model) if args.model else embedded_model_dir()
+    speculative_model = args.speculative_model
+    wants_drafts = args.profile == "latency" or args.num_speculative_tokens
+    if speculative_model is None and not args.model and wants_drafts and parallel_config(args) is None:
+        speculative_model = embedded_draft_dir()  # the embedded model speculates with the draft made for it
     engine_cfg = EngineConfig(
         profile=args.profile,
         max_num_seqs=args.max_num_seqs,
@@ -143,8 +154,12 @@ def build_from_args(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         seed=args.seed,
         attention_scale_mscale=args.attention_scale_mscale,
+        speculative_model=None if speculative_model is None else str(speculative_model),
+        num_speculative_tokens=args.num_speculative_tokens,
     )
     parallel = parallel_config(args)
+    if parallel is not None and speculative_model:
+        raise ValueError("--speculative-model is single-device for now (not with tensor / expert parallelism)")
     if getattr(args, "engine_process", "inline") == "separate":
         if parallel is not None:
             raise ValueError("--engine-process separate does not support --tensor-parallel-size > 1 yet")

@@ -66,6 +66,7 @@ async def timed_outputs(stream: RequestStream, metrics: ServerMetrics, endpoint:
                 else:
                     metrics.itl.labels(endpoint).observe(now - last)
                 last = now
+            metrics.observe_speculation(out)
             yield out
     finally:
         await stream.aclose()

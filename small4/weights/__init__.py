@@ -14,6 +14,7 @@ _FACE = {
     "TinySpec": "tiny",
     "make_tiny": "tiny",
     "embedded_model_dir": "embedded",
+    "embedded_draft_dir": "embedded",
 }
 
 __all__ = sorted(_FACE)

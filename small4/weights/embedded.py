@@ -20,6 +20,17 @@ EMBEDDED_NAME = "tiny-hf-seed0-v1"
 SHIPPED_DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "checkpoint"
 
 
+SHIPPED_DEMO_DRAFT_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "draft"
+
+
+def embedded_draft_dir() -> Path | None:
+    """The shipped demo model's EAGLE draft (``small4 train-draft``), None when either is not shipped: a random
+    tiny model has no draft made for it."""
+    if embedded_model_dir() != SHIPPED_DEMO_DIR or not (SHIPPED_DEMO_DRAFT_DIR / "params.json").is_file():
+        return None
+    return SHIPPED_DEMO_DRAFT_DIR
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SMALL4_CACHE", Path.home() / ".cache" / "small4"))
 

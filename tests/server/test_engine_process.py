@@ -314,7 +314,9 @@ def _run_core(tiny_model_dir, inbox: list[list[m.Message]]) -> list[m.Message]:
     from small4.core.process import EngineCore
     from small4.engine.engine import Engine
 
-    engine = Engine.from_model_dir(tiny_model_dir, EngineConfig(block_size=4, kv_cache_memory=8 << 20, enforce_eager=True))
+    engine = Engine.from_model_dir(
+        tiny_model_dir, EngineConfig(block_size=4, kv_cache_memory=8 << 20, enforce_eager=True)
+    )
     sent: list[m.Message] = []
 
     def receive(timeout_ms):
