@@ -42,6 +42,7 @@ from small4.core import messages as m
 # the stream machinery is AsyncEngine's own, so a stream behaves the same whichever side the engine runs on
 from small4.engine.async_engine import (
     EngineDeadError,
+    EngineFront,
     EngineStats,
     RequestFailedError,
     RequestStream,
@@ -85,7 +86,7 @@ class CoreEngineView:
     max_model_len: int
 
 
-class CoreClient:
+class CoreClient(EngineFront):
     """Starts the engine core process (blocking until its engine is built) and serves it to asyncio clients with
     ``AsyncEngine``'s methods: ``start``, ``add`` -> ``RequestStream``, ``abort``, ``abort_all``, ``shutdown``,
     ``healthy``, ``stats`` and the counters."""
@@ -255,42 +256,8 @@ class CoreClient:
         if not self._closed and self._dead is None:
             self._outbox.put(m.AbortAll())
 
-    # ---- health and stats -------------------------------------------------------------------------------
-    @property
-    def healthy(self) -> bool:
-        return self._dead is None
-
-    @property
-    def stats(self) -> EngineStats:
-        return self._stats
-
-    @property
-    def num_running(self) -> int:
-        return self._stats.num_running
-
-    @property
-    def num_waiting(self) -> int:
-        return self._stats.num_waiting
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self._stats.kv_cache_usage
-
-    @property
-    def prompt_tokens_total(self) -> int:
-        return self._stats.prompt_tokens_total
-
-    @property
-    def generation_tokens_total(self) -> int:
-        return self._stats.generation_tokens_total
-
-    def _check_accepting(self) -> None:
-        if self._dead is not None:
-            raise _dead_copy(self._dead)
-        if self._loop is None:
-            raise RuntimeError("call start() (or use `async with`) before adding requests")
-        if not self._accepting:
-            raise EngineDeadError("the engine is shutting down")
+    def _started(self) -> bool:
+        return self._loop is not None
 
     # ---- socket threads ---------------------------------------------------------------------------------
     def _send_loop(self) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from small4.config import EngineConfig
 from small4.core import messages as m
-from small4.engine.async_engine import MAX_CONSECUTIVE_STEP_FAILURES, EngineStats
+from small4.engine.async_engine import EngineStats, StepFailures
 from small4.engine.engine import Engine, StepFailedError
 from small4.engine.outputs import RequestOutput
 
@@ -62,7 +62,7 @@ class EngineCore:
         self._live: dict[str, int] = {}  # request id -> sequences not yet finished
         self._pending: dict[str, _Pending] = {}
         self._counters = [0, 0, 0]  # requests, prompt tokens, generation tokens
-        self._failed_steps = 0
+        self._step_failures = StepFailures()
         self._stats: EngineStats | None = None
         self._grammars: Any = None
 
@@ -161,15 +161,12 @@ class EngineCore:
         try:
             outputs = self.engine.step()
         except StepFailedError as exc:
-            self._failed_steps += 1
-            log.error("engine step failed (%d in a row): %r", self._failed_steps, exc.__cause__, exc_info=exc)
-            if self._failed_steps >= MAX_CONSECUTIVE_STEP_FAILURES:
-                raise
+            self._step_failures.record(exc)
             for request_id in exc.request_ids:
                 self._live.pop(request_id, None)
             batch.failed.append(m.StepFailure(list(exc.request_ids), repr(exc.__cause__)))
             return
-        self._failed_steps = 0
+        self._step_failures.reset()
         self._publish(outputs, batch)
 
     def _publish(self, outputs: list[RequestOutput], batch: _Batch) -> None:

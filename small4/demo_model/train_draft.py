@@ -110,7 +110,7 @@ def greedy_answers(target_dir: Path, prompts: list[list[int]], max_tokens: int) 
     from small4.engine.engine import Engine
     from small4.engine.sampling_params import SamplingParams
 
-    engine = Engine(target_dir, EngineConfig(device="cpu", dtype="float32"))
+    engine = Engine.from_model_dir(target_dir, EngineConfig(device="cpu", dtype="float32"))
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     answers: dict[str, list[int]] = {}
     for i, ids in enumerate(prompts):
@@ -289,7 +289,7 @@ def runtime_acceptance(
     from small4.engine.sampling_params import SamplingParams
 
     cfg = EngineConfig(device="cpu", dtype="float32", speculative_model=str(draft_dir), num_speculative_tokens=k)
-    engine = Engine(target_dir, cfg)
+    engine = Engine.from_model_dir(target_dir, cfg)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     outputs: dict[str, list[int]] = {}
     for i, t in enumerate(held_out):

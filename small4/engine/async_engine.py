@@ -205,7 +205,74 @@ class RequestStream:
             self._front.abort(self.request_id)
 
 
-class AsyncEngine:
+class StepFailures:
+    """Failed steps in a row: a failed step fails only its own requests, until ``MAX_CONSECUTIVE_STEP_FAILURES``
+    in a row say the engine itself is broken (then ``record`` re-raises and the loop dies)."""
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+
+    def record(self, exc: StepFailedError) -> None:
+        self.in_a_row += 1
+        log.error("engine step failed (%d in a row): %r", self.in_a_row, exc.__cause__, exc_info=exc)
+        if self.in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise exc
+
+    def reset(self) -> None:
+        self.in_a_row = 0
+
+
+class EngineFront:
+    """What every front of an engine reports from its last ``EngineStats`` and how it refuses adds: this
+    ``AsyncEngine`` (an engine thread) and ``core.client.CoreClient`` (an engine core process). A subclass sets
+    ``_stats``, ``_dead``, ``_accepting`` and says whether it was started."""
+
+    _stats: EngineStats
+    _dead: EngineDeadError | None
+    _accepting: bool
+
+    def _started(self) -> bool:
+        raise NotImplementedError
+
+    # ---- health and stats -------------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self._dead is None
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def num_running(self) -> int:
+        return self._stats.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self._stats.num_waiting
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self._stats.kv_cache_usage
+
+    @property
+    def prompt_tokens_total(self) -> int:
+        return self._stats.prompt_tokens_total
+
+    @property
+    def generation_tokens_total(self) -> int:
+        return self._stats.generation_tokens_total
+
+    def _check_accepting(self) -> None:
+        if self._dead is not None:
+            raise _dead_copy(self._dead)
+        if not self._started():
+            raise RuntimeError("call start() (or use `async with`) before adding requests")
+        if not self._accepting:
+            raise EngineDeadError("the engine is shutting down")
+
+
+class AsyncEngine(EngineFront):
     """Runs one ``Engine`` in a background thread and serves it to asyncio clients.
 
     ``start()`` inside a running event loop (or ``async with``), ``stream = await add(...)`` then
@@ -224,7 +291,10 @@ class AsyncEngine:
         self._sinks: dict[str, _Sink] = {}  # event loop only
         self._live: dict[str, int] = {}  # engine thread only: request id -> sequences not yet finished
         self._counters = [0, 0, 0]  # engine thread only: requests, prompt tokens, generation tokens
-        self._failed_steps = 0  # engine thread only: consecutive failed steps
+        self._step_failures = StepFailures()  # engine thread only
+
+    def _started(self) -> bool:
+        return self._thread is not None
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, engine_cfg: EngineConfig | None = None) -> AsyncEngine:
@@ -333,43 +403,6 @@ class AsyncEngine:
         if self._thread is not None and self._thread.is_alive():
             self._inbox.put(_Abort(request_id))
 
-    # ---- health and stats -------------------------------------------------------------------------------
-    @property
-    def healthy(self) -> bool:
-        return self._dead is None
-
-    @property
-    def stats(self) -> EngineStats:
-        return self._stats
-
-    @property
-    def num_running(self) -> int:
-        return self._stats.num_running
-
-    @property
-    def num_waiting(self) -> int:
-        return self._stats.num_waiting
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self._stats.kv_cache_usage
-
-    @property
-    def prompt_tokens_total(self) -> int:
-        return self._stats.prompt_tokens_total
-
-    @property
-    def generation_tokens_total(self) -> int:
-        return self._stats.generation_tokens_total
-
-    def _check_accepting(self) -> None:
-        if self._dead is not None:
-            raise _dead_copy(self._dead)
-        if self._thread is None:
-            raise RuntimeError("call start() (or use `async with`) before adding requests")
-        if not self._accepting:
-            raise EngineDeadError("the engine is shutting down")
-
     # ---- event-loop side of the hand-over ---------------------------------------------------------------
     def _settle(self, cmd: _Add, error: BaseException | None) -> None:
         """The engine accepted (error None) or refused an add: wake the caller; unregister a refusal."""
@@ -432,15 +465,12 @@ class AsyncEngine:
         try:
             outputs = self._engine.step()
         except StepFailedError as exc:
-            self._failed_steps += 1
-            log.error("engine step failed (%d in a row): %r", self._failed_steps, exc.__cause__, exc_info=exc)
-            if self._failed_steps >= MAX_CONSECUTIVE_STEP_FAILURES:
-                raise
+            self._step_failures.record(exc)
             for request_id in exc.request_ids:
                 self._live.pop(request_id, None)
             self._post(self._fail_requests, exc.request_ids, exc)
             return []
-        self._failed_steps = 0
+        self._step_failures.reset()
         return outputs
 
     def _take_commands(self, block: bool) -> list[_Command]:
