@@ -56,21 +56,11 @@ from small4.kernels.fp8 import FP8_DTYPE
 from small4.model.mistral4 import Mistral4Model
 from small4.spec.eagle import EagleConfig, EagleDraft
 from small4.weights.loader import CheckpointError, WeightLoader, _LoadState
-from small4.weights.names import Destination, split_role
+from small4.weights.names import NATIVE_ATTN, Destination, split_role
 
 log = logging.getLogger(__name__)
 
 HF_ARCHITECTURES = ("EagleMistralLarge3ForCausalLM", "MistralLarge3ForCausalLMEagle")
-_NATIVE_ATTN = {
-    "wq_a": "q_a_proj",
-    "q_a_norm": "q_a_layernorm",
-    "wq_b": "q_b_proj",
-    "wq": "q_proj",
-    "wkv_a_with_mqa": "kv_a_proj_with_mqa",
-    "kv_a_norm": "kv_a_layernorm",
-    "wkv_b": "kv_b_proj",
-    "wo": "o_proj",
-}
 _MLP_HALF = {"w1": 0, "w3": 1, "gate_proj": 0, "up_proj": 1}  # gate rows first in mlp.gate_up
 _SHARED = ("tok_embeddings", "output", "model.embed_tokens", "lm_head")  # the target's: skipped if present
 _IGNORED = re.compile(r"layers\.\d+\.attention\.[qkv]_fake_quantizer\.qscale_act")  # FP8 attention scales: unused
@@ -230,8 +220,8 @@ class DraftNameMapper:
             return Destination(f"{layer}.{norms.get(rest, rest)}", "weight", quantizable=False)
         attn = re.fullmatch(r"(?:attention|self_attn)\.(\w+)", rest)
         if attn:
-            name = _NATIVE_ATTN.get(attn.group(1), attn.group(1))
-            if name not in _NATIVE_ATTN.values():
+            name = NATIVE_ATTN.get(attn.group(1), attn.group(1))
+            if name not in NATIVE_ATTN.values():
                 return None
             return Destination(f"{layer}.self_attn.{name}", "weight", quantizable=not name.endswith("layernorm"))
         mlp = re.fullmatch(r"(?:feed_forward|mlp)\.(w1|w2|w3|gate_proj|up_proj|down_proj)", rest)
@@ -249,7 +239,7 @@ def draft_expected_bases(cfg: EagleConfig, layout: str) -> list[str]:
     q = ["q_a_proj", "q_a_layernorm", "q_b_proj"] if cfg.text.q_lora_rank else ["q_proj"]
     attn = q + ["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"]
     if layout == "mistral":
-        native = {v: k for k, v in _NATIVE_ATTN.items()}
+        native = {v: k for k, v in NATIVE_ATTN.items()}
         per = ["attention_norm", "ffn_norm"] + [f"attention.{native[a]}" for a in attn]
         per += [f"feed_forward.{w}" for w in ("w1", "w2", "w3")]
         return ["eagle_linear", "norm"] + [f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in per]
@@ -335,7 +325,7 @@ def load_draft(
 
 def native_state_dict(draft: EagleDraft, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """The draft's (dense, unquantised) weights under the released names: ``load_draft``'s inverse."""
-    native_attn = {v: k for k, v in _NATIVE_ATTN.items()}
+    native_attn = {v: k for k, v in NATIVE_ATTN.items()}
     norms = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
     out: dict[str, torch.Tensor] = {}
     for name, param in draft.named_parameters():

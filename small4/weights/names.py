@@ -85,7 +85,8 @@ _HF_ATTN = (
     "kv_b_proj",
     "o_proj",
 )
-_NATIVE_ATTN = {
+# native (params.json) attention names -> HF names: one table for the loaders and the tiny writers
+NATIVE_ATTN = {
     "wq_a": "q_a_proj",
     "q_a_norm": "q_a_layernorm",
     "wq_b": "q_b_proj",
@@ -186,8 +187,8 @@ class NameMapper:
             norm = "input_layernorm" if rest == "attention_norm" else "post_attention_layernorm"
             return Destination(f"{layer}.{norm}", "weight", quantizable=False)
         m2 = re.fullmatch(r"attention\.(\w+)", rest)
-        if m2 and m2.group(1) in _NATIVE_ATTN:
-            return self._attn(f"{layer}.self_attn.{_NATIVE_ATTN[m2.group(1)]}")
+        if m2 and m2.group(1) in NATIVE_ATTN:
+            return self._attn(f"{layer}.self_attn.{NATIVE_ATTN[m2.group(1)]}")
         if rest == "gate":
             return Destination(f"{layer}.mlp.gate", "weight", quantizable=False)
         m2 = re.fullmatch(r"experts\.(\d+)\.(w1|w2|w3)", rest)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from small4.kernels.fp8 import FP8_DTYPE, quantize_fp8_per_tensor
+from small4.weights.names import NATIVE_ATTN
 from small4.weights.tekken_tiny import write_tiny_tekken
 
 
@@ -284,16 +285,7 @@ def _random_vision_hf(spec: TinySpec, g: torch.Generator) -> dict[str, torch.Ten
     return sd
 
 
-_NATIVE_ATTN = {
-    "q_a_proj": "wq_a",
-    "q_a_layernorm": "q_a_norm",
-    "q_b_proj": "wq_b",
-    "q_proj": "wq",
-    "kv_a_proj_with_mqa": "wkv_a_with_mqa",
-    "kv_a_layernorm": "kv_a_norm",
-    "kv_b_proj": "wkv_b",
-    "o_proj": "wo",
-}
+_NATIVE_ATTN = {hf: native for native, hf in NATIVE_ATTN.items()}  # HF -> native
 
 
 def hf_to_native(sd: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, torch.Tensor]:

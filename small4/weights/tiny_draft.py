@@ -25,22 +25,12 @@ import torch
 from safetensors.torch import save_file
 
 from small4.kernels.fp8 import quantize_fp8_per_tensor
+from small4.weights.names import NATIVE_ATTN
 from small4.weights.tiny import TinySpec, hf_config, mistral_params
 
 DraftLayout = Literal["release", "hf"]
 DRAFT_ARCHITECTURE = "EagleMistralLarge3ForCausalLM"  # vLLM's class name (SGLang: MistralLarge3ForCausalLMEagle)
 
-# native attention name -> HF (the target's table, names.py / tiny.py, restated for the draft's own files)
-NATIVE_TO_HF_ATTN = {
-    "wq_a": "q_a_proj",
-    "q_a_norm": "q_a_layernorm",
-    "wq_b": "q_b_proj",
-    "wq": "q_proj",
-    "wkv_a_with_mqa": "kv_a_proj_with_mqa",
-    "kv_a_norm": "kv_a_layernorm",
-    "wkv_b": "kv_b_proj",
-    "wo": "o_proj",
-}
 NATIVE_TO_HF_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
@@ -98,7 +88,7 @@ def native_to_hf_name(name: str) -> str:
     if rest in ("attention_norm", "ffn_norm"):
         hf = "input_layernorm" if rest == "attention_norm" else "post_attention_layernorm"
     elif kind == "attention":
-        hf = f"self_attn.{NATIVE_TO_HF_ATTN[leaf]}"
+        hf = f"self_attn.{NATIVE_ATTN[leaf]}"
     elif kind == "feed_forward":
         hf = f"mlp.{NATIVE_TO_HF_MLP[leaf]}"
     else:
