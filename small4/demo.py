@@ -1,5 +1,7 @@
 """`small4 demo`: the README's main job. Starts `small4 serve` on the embedded tiny model, talks to it with the
 official openai client (chat, streaming, a tool call, JSON output, a text completion), then stops it with SIGTERM.
+It serves with ``--profile latency``, so the answers come through speculative decoding with the demo model's own
+EAGLE draft (greedy answers are those of plain decoding); the last line is what the draft achieved.
 
 The embedded model is the tiny trained demo model (2M parameters): it greets, knows a few capitals, thinks when
 asked, calls tools and uses their results, and names the colour of shapes in images; it has not learned arithmetic
@@ -92,14 +94,32 @@ def _talk(client: openai.OpenAI) -> None:
     print(f"json schema: {json.loads(r.choices[0].message.content)}")
 
 
+def _speculation(base: str) -> str:
+    """What the draft did over the demo's requests, read from the server's /metrics."""
+    wanted = ("small4_spec_verify_steps_total", "small4_spec_acceptance_rate", "small4_spec_mean_accepted_length")
+    values = {}
+    for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            values[name] = float(value)
+    if not values.get("small4_spec_verify_steps_total"):
+        return "off"
+    return (
+        f"{values['small4_spec_verify_steps_total']:.0f} verify steps, acceptance "
+        f"{values['small4_spec_acceptance_rate']:.2f}, {values['small4_spec_mean_accepted_length']:.2f} tokens per step"
+    )
+
+
 def main() -> int:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "small4.cli", "serve", "--port", str(port)])
+    # the latency profile: the embedded model speculates with its shipped EAGLE draft (greedy answers unchanged)
+    proc = subprocess.Popen([sys.executable, "-m", "small4.cli", "serve", "--port", str(port), "--profile", "latency"])
     try:
         _wait_healthy(base, proc)
         print(f"small4 is serving the embedded tiny model on {base}")
         _talk(openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0))
+        print(f"speculative: {_speculation(base)}")
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
