@@ -93,6 +93,7 @@ class ModelRunner:
         self.dtype = model.embed_tokens.weight.dtype
         self.model = model
         self.draft = draft
+        self.num_graph_verify_steps = 0  # speculative verify steps that replayed the decode graphs
         self._setup(num_blocks)
 
     @classmethod
@@ -310,7 +311,7 @@ class ModelRunner:
             block_tables=_padded_table(tables, self.pad_block).to(dev),
             block_size=self.block_size,
         )
-        self.num_graph_verify_steps = getattr(self, "num_graph_verify_steps", 0) + 1
+        self.num_graph_verify_steps += 1
         return batch
 
     @staticmethod
@@ -354,12 +355,11 @@ class ModelRunner:
         """``forward_step`` that also returns every row's hidden state in the form the draft takes (after the
         final norm, or before it for a ``target_hidden="prenorm"`` draft): (logits of ``sample_rows``, [T, hidden]).
         Single-device only (the parallel driver overrides ``forward_step``, not this)."""
-        embeds = None if images is None else self.model.embed(ids, images[1], images[0])
+        embeds = self._merged_embeds(ids, images)
         prenorm = self.model.forward_prenorm(ids, positions, meta, self.kv_caches, inputs_embeds=embeds)
         normed = self.model.norm(prenorm)
-        picked = normed if sample_rows.numel() == normed.shape[0] else normed.index_select(0, sample_rows)
         hidden = prenorm if self.draft.config.target_hidden == "prenorm" else normed
-        return self.model.compute_logits(picked), hidden
+        return self._logits_of_rows(normed, sample_rows), hidden
 
     def draft_forward(
         self,
@@ -386,8 +386,17 @@ class ModelRunner:
         for the [IMG] slots -> float32 logits of ``sample_rows`` (no gather when every row samples: sorted unique
         rows, so a full count is the identity). The one seam the parallel driver (small4/parallel/) overrides, to
         send the same inputs to the other ranks first."""
-        embeds = None if images is None else self.model.embed(ids, images[1], images[0])
-        hidden = self.model(ids, positions, meta, self.kv_caches, inputs_embeds=embeds)
+        hidden = self.model(ids, positions, meta, self.kv_caches, inputs_embeds=self._merged_embeds(ids, images))
+        return self._logits_of_rows(hidden, sample_rows)
+
+    def _merged_embeds(
+        self, ids: torch.Tensor, images: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor | None:
+        """The token embeddings with the [IMG] rows replaced, or None without images (the model embeds itself)."""
+        return None if images is None else self.model.embed(ids, images[1], images[0])
+
+    def _logits_of_rows(self, hidden: torch.Tensor, sample_rows: torch.Tensor) -> torch.Tensor:
+        """float32 logits of ``sample_rows`` (sorted, unique: a full count is every row, so no gather)."""
         if sample_rows.numel() != hidden.shape[0]:
             hidden = hidden.index_select(0, sample_rows)
         return self.model.compute_logits(hidden)

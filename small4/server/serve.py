@@ -135,9 +135,10 @@ def build_from_args(args: argparse.Namespace):
     from small4.weights import embedded_draft_dir, embedded_model_dir
 
     model_dir = Path(args.model) if args.model else embedded_model_dir()
+    parallel = parallel_config(args)
     speculative_model = args.speculative_model
     wants_drafts = args.profile == "latency" or args.num_speculative_tokens
-    if speculative_model is None and not args.model and wants_drafts and parallel_config(args) is None:
+    if speculative_model is None and not args.model and wants_drafts and parallel is None:
         speculative_model = embedded_draft_dir()  # the embedded model speculates with the draft made for it
     engine_cfg = EngineConfig(
         profile=args.profile,
@@ -157,7 +158,6 @@ def build_from_args(args: argparse.Namespace):
         speculative_model=None if speculative_model is None else str(speculative_model),
         num_speculative_tokens=args.num_speculative_tokens,
     )
-    parallel = parallel_config(args)
     if parallel is not None and speculative_model:
         raise ValueError("--speculative-model is single-device for now (not with tensor / expert parallelism)")
     if getattr(args, "engine_process", "inline") == "separate":
