@@ -620,7 +620,21 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote the demo model to {out} ({total / 1e6:.2f} MB) in {log['train_wall_s']:.0f} s of training")
     rates = log["accuracy"] if log.get("accuracy") is not None else log["heldout_v2"]["rates"]
     print(json.dumps(rates, indent=2))
+    if args.draft_out:
+        _train_draft_after(out, Path(args.draft_out), args)
     return 0
+
+
+def _train_draft_after(target: Path, draft_out: Path, args: argparse.Namespace) -> None:
+    """``--draft-out``: the same command trains the new model's EAGLE draft head on its own answers (issue 17 / 16),
+    with ``small4 train-draft``'s defaults and ``--draft-minutes`` of training."""
+    from small4.demo_model import train_draft
+
+    log = train_draft.train_draft(
+        target_dir=target, out=draft_out, budget_s=60.0 * args.draft_minutes, threads=args.threads, seed=args.seed
+    )
+    train_draft.check_sizes(draft_out)
+    print(f"wrote the draft to {draft_out}: acceptance {json.dumps(log['acceptance'])}")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -637,4 +651,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="large", help="small: the shipped model's shapes")
     p.add_argument("--minutes", type=float, default=None, help="stop training after this wall time")
     p.add_argument("--heldout-per-skill", type=int, default=40, help="held-out cases per skill (v2 curriculum)")
+    p.add_argument("--draft-out", help="then train the new model's EAGLE draft head into this directory")
+    p.add_argument("--draft-minutes", type=float, default=25.0, help="the draft's training budget (with --draft-out)")
     p.set_defaults(func=main)

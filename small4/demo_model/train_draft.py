@@ -1,10 +1,11 @@
 """`small4 train-draft`: trains the embedded demo model's EAGLE draft on CPU from the demo model's own hidden states.
 
-Data: prompts from the demo curriculum's generators (``small4.demo_model.curriculum.sample_examples``, image tasks
-left out: the draft would need the vision tower's rows), rendered as the server renders them, and answered by the
-demo model itself, greedily, through the real ``Engine``. Each trajectory (prompt + the model's own answer) then goes
-once through the frozen target (``Mistral4Model.forward``: the final-normed hidden ``h`` at every position, the
-hidden the runtime feeds the draft) and its greedy next token at every position.
+Data: prompts from the generators of the curriculum the target was trained on (``curriculum`` or ``curriculum_v2``,
+read from the target's ``training_log.json``; image tasks left out: the draft would need the vision tower's rows),
+rendered as the server renders them, and answered by the demo model itself, greedily, through the real ``Engine``.
+Each trajectory (prompt + the model's own answer) then goes once through the frozen target
+(``Mistral4Model.forward``: the final-normed hidden ``h`` at every position, the hidden the runtime feeds the draft)
+and its greedy next token at every position.
 
 Training, per EAGLE: the draft at position p takes ``(embed(x_p), h_{p-1})`` and its output, through the target's
 lm_head, is scored (cross-entropy) against the target's greedy token after x_p, i.e. the token after the next one
@@ -85,17 +86,26 @@ def held_out_seed(seed: int) -> int:
     return seed + 1_000_003
 
 
+def target_curriculum(target_dir: Path) -> str:
+    """The curriculum the target was trained on (its ``training_log.json``; v1 for a log that predates the field),
+    so the draft learns on the kind of answers the target gives."""
+    log_path = Path(target_dir) / "training_log.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() else {}
+    return log.get("curriculum", "v1")
+
+
 def curriculum_prompts(target_dir: Path, seed: int, n: int) -> list[list[int]]:
-    """``n`` text prompts from the demo curriculum's generators (seeded)."""
+    """``n`` text prompts from the generators of the target's own curriculum (seeded)."""
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     from small4.chat.render import ChatRenderer
-    from small4.demo_model.curriculum import TASKS, sample_examples
+    from small4.demo_model import curriculum, curriculum_v2
 
+    module = curriculum_v2 if target_curriculum(target_dir) == "v2" else curriculum
     renderer = ChatRenderer(MistralTokenizer.from_file(str(target_dir / "tekken.json")))
-    tasks = tuple(t for t in TASKS if t != "vision")
+    tasks = tuple(t for t in module.TASKS if t != "vision")
     out: list[list[int]] = []
-    for example in sample_examples(seed, 2 * n, tasks):
+    for example in module.sample_examples(seed, 2 * n, tasks):
         ids = prompt_ids(renderer, example)
         if ids is not None:
             out.append(ids)

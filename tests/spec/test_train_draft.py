@@ -73,3 +73,25 @@ def test_shipped_draft_agrees_with_the_demo_models_greedy_tokens(one_thread):
     runtime = runtime_acceptance(SHIPPED_DEMO_DIR, DEFAULT_OUT, trajs, max_tokens=48)
     assert runtime["outputs_identical_to_plain_greedy"]
     assert runtime["mean_tokens_per_verify_step"] >= 2.8, runtime
+
+
+def test_draft_prompts_follow_the_targets_curriculum(tmp_path):
+    """A v2 target's draft learns on v2 prompts (random tools, json schemas), a v1 target's on v1's."""
+    import shutil
+
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from small4.chat.render import ChatRenderer
+    from small4.demo_model import curriculum, curriculum_v2
+    from small4.demo_model.train_draft import prompt_ids, target_curriculum
+
+    shutil.copy(SHIPPED_DEMO_DIR / "tekken.json", tmp_path / "tekken.json")
+    renderer = ChatRenderer(MistralTokenizer.from_file(str(tmp_path / "tekken.json")))
+    for name, module in (("v1", curriculum), ("v2", curriculum_v2)):
+        (tmp_path / "training_log.json").write_text(json.dumps({"curriculum": name}))
+        assert target_curriculum(tmp_path) == name
+        tasks = tuple(t for t in module.TASKS if t != "vision")
+        want = [ids for ex in module.sample_examples(5, 12, tasks) if (ids := prompt_ids(renderer, ex)) is not None]
+        assert curriculum_prompts(tmp_path, seed=5, n=4) == want[:4]
+    (tmp_path / "training_log.json").unlink()
+    assert target_curriculum(tmp_path) == "v1"  # a log-less target: the original curriculum
