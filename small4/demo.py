@@ -15,10 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
+
+from small4.server.health import wait_healthy
 
 DEMO_MODEL = "small4-tiny"
 
@@ -27,20 +28,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not become healthy in time")
 
 
 def _ask(client: openai.OpenAI, content, **kw):
@@ -116,7 +103,7 @@ def main() -> int:
     # the latency profile: the embedded model speculates with its shipped EAGLE draft (greedy answers unchanged)
     proc = subprocess.Popen([sys.executable, "-m", "small4.cli", "serve", "--port", str(port), "--profile", "latency"])
     try:
-        _wait_healthy(base, proc)
+        wait_healthy(base, alive=lambda: proc.poll() is None)
         print(f"small4 is serving the embedded tiny model on {base}")
         _talk(openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0))
         print(f"speculative: {_speculation(base)}")

@@ -206,6 +206,8 @@ def _bench_mode(model_dir: str, mode: str, args: Any) -> dict[str, Any]:
     import subprocess
     import sys
 
+    from small4.server.health import wait_healthy
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -215,7 +217,7 @@ def _bench_mode(model_dir: str, mode: str, args: Any) -> dict[str, Any]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base, proc)
+        wait_healthy(base, alive=lambda: proc.poll() is None)
         pids = [proc.pid, *_children(proc.pid)]
         out: dict[str, Any] = {}
         asyncio.run(_closed_loop_http(base, args, 1, 1, seed=-1))  # warm-up
@@ -235,22 +237,6 @@ def _bench_mode(model_dir: str, mode: str, args: Any) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _wait_healthy(base: str, proc: Any, timeout_s: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the server did not become healthy")
 
 
 def _children(pid: int) -> list[int]:

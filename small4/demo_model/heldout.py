@@ -380,8 +380,7 @@ def serving(model_dir: Path) -> Iterator[str]:
     import socket
     import threading
 
-    import httpx
-
+    from small4.server.health import wait_healthy
     from small4.server.serve import add_serve_arguments, build_from_args, make_server
 
     with socket.socket() as s:
@@ -397,16 +396,7 @@ def serving(model_dir: Path) -> Iterator[str]:
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError(f"the server for {model_dir} did not become healthy")
-            time.sleep(0.05)
+        wait_healthy(base, alive=thread.is_alive, timeout_s=120)
         yield base
     finally:
         server.should_exit = True

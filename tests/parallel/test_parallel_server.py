@@ -21,6 +21,7 @@ from PIL import Image
 
 from small4.cli import build_parser
 from small4.parallel.launch import WORKER_EXIT_CODE
+from small4.server.health import wait_healthy
 from small4.server.serve import build_from_args
 from small4.weights.tiny import make_tiny
 
@@ -35,17 +36,7 @@ def _free_port() -> int:
 
 
 def _wait_healthy(base: str, proc: subprocess.Popen | None = None, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was healthy")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{base} did not become healthy")
+    wait_healthy(base, alive=lambda: proc is None or proc.poll() is None, timeout_s=timeout_s)
 
 
 def _png(color: tuple[int, int, int]) -> str:

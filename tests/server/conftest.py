@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import httpx
 import pytest
 import uvicorn
 
 from small4.cli import build_parser
+from small4.server import health as server_health
 from small4.server.serve import build_from_args, make_server
 from small4.weights.tiny import make_tiny
 
@@ -44,15 +43,7 @@ class RunningServer:
 
 
 def wait_healthy(base: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{base} did not become healthy")
+    server_health.wait_healthy(base, timeout_s=timeout_s)
 
 
 def start_server(model_dir, *extra: str, api_key: str | None = None) -> RunningServer:
