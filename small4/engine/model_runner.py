@@ -354,7 +354,7 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward_step`` that also returns every row's hidden state in the form the draft takes (after the
         final norm, or before it for a ``target_hidden="prenorm"`` draft): (logits of ``sample_rows``, [T, hidden]).
-        Single-device only (the parallel driver overrides ``forward_step``, not this)."""
+        The parallel driver overrides it as it does ``forward_step`` (the other ranks run ``forward_step``)."""
         embeds = self._merged_embeds(ids, images)
         prenorm = self.model.forward_prenorm(ids, positions, meta, self.kv_caches, inputs_embeds=embeds)
         normed = self.model.norm(prenorm)
@@ -373,6 +373,11 @@ class ModelRunner:
         target, image rows merged) with ``hidden[t]`` at ``positions[t]`` -> the draft's hidden [T, hidden]."""
         embeds = self.model.embed(next_ids, *(images[::-1] if images is not None else ()))
         return self.draft(embeds, hidden, positions, meta, self.draft_kv_caches)
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the draft's hidden rows through the target's lm_head: the draft's proposals. A seam of
+        its own, beside ``draft_forward``, because under TP the lm_head is collective (parallel/draft.py)."""
+        return self.model.compute_logits(hidden)
 
     def forward_step(
         self,

@@ -9,7 +9,9 @@ runs after the replay, eagerly, as on one device.
 
 A decode step that fits the graphs is a "graph_step" message: the staged inputs (ids, positions, cache slots,
 context lengths, the padded block table and the sampled rows) in one int64 broadcast; each rank then replays its
-own graph and computes the sampled rows' logits. On gloo (CPU) nothing is captured: the ranks keep eager steps,
+own graph and computes the sampled rows' logits. A speculative verify that fits the graphs (its last token and
+drafts as decode rows of one sequence, model_runner._graph_verify_step) is the same message, every row sampled.
+On gloo (CPU) nothing is captured: the ranks keep eager steps,
 or (``capture=False``, the tests) run the same static-buffer path eagerly, which exercises this protocol.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from small4.engine.cuda_graphs import DecodeGraphs
+from small4.engine.cuda_graphs import DecodeGraphs, _padded_table
 from small4.engine.model_runner import ModelRunner
 from small4.parallel.channel import send_json
 from small4.parallel.state import Dist
@@ -76,13 +78,21 @@ class BroadcastGraphs:
 
     def __init__(self, graphs: DecodeGraphs, d: Dist) -> None:
         self.inner, self.dist = graphs, d
-        self.sample_rows: list[int] = []  # the coming step's sampled rows, set by the driver before ``run``
+        # the coming step's sampled rows, set by the driver before ``run``; None: every row (a speculative verify)
+        self.sample_rows: list[int] | None = []
         self.steps = 0
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)  # max_batch, max_blocks_per_seq, graphs, ...
 
     def run(self, tokens, positions, slots, tables, seq_lens) -> torch.Tensor:
-        send_graph_step(self.dist, tokens, positions, slots, tables, seq_lens, self.sample_rows)
+        if not isinstance(tokens, torch.Tensor):  # a verify step's lists: the tensors every rank then replays
+            dev = self.inner.input_ids.device
+            tokens, positions, slots, seq_lens = (
+                torch.tensor(x, device=dev) for x in (tokens, positions, slots, seq_lens)
+            )
+            tables = _padded_table(tables, self.inner.pad_block).to(dev)
+        rows = list(range(len(tokens))) if self.sample_rows is None else self.sample_rows
+        send_graph_step(self.dist, tokens, positions, slots, tables, seq_lens, rows)
         self.steps += 1
         return self.inner.run(tokens, positions, slots, tables, seq_lens)

@@ -24,6 +24,7 @@ from small4.config import EngineConfig
 from small4.engine.model_runner import resolve_device
 from small4.parallel.channel import send_json
 from small4.parallel.config import ParallelConfig
+from small4.parallel.draft import DraftExpectation
 from small4.parallel.runner import DriverRunner, build_rank, worker_loop
 from small4.parallel.state import Dist, close_distributed, init_distributed
 
@@ -116,9 +117,10 @@ class ParallelSession:
                 proc.wait()
             raise
 
-    def follow(self, expect: ParallelConfig) -> int:
-        """A node other than node 0: this process is one of the workers too, until rank 0 says stop."""
-        steps = worker_loop(self.dist, str(self.dist.device), expect)
+    def follow(self, expect: ParallelConfig, expect_draft: DraftExpectation | None = None) -> int:
+        """A node other than node 0: this process is one of the workers too, until rank 0 says stop. ``expect`` /
+        ``expect_draft``: the split and the draft this node was started for (checked at every load)."""
+        steps = worker_loop(self.dist, str(self.dist.device), expect, expect_draft)
         log.info("rank %d: stopped after %d steps", self.dist.rank, steps)
         self.stopping = True  # told to stop: the local workers leave as well
         return steps

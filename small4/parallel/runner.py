@@ -3,9 +3,11 @@
 Only rank 0 runs the scheduler, the sampler and the API. ``DriverRunner`` is the ordinary ``ModelRunner`` whose
 ``forward_step`` first broadcasts the step's inputs (channel.py); each worker sits in ``worker_loop`` receiving
 them and running the same forward, so every rank issues the same collectives in the same order (decode steps
-that fit the CUDA graphs: a "graph_step", each rank replaying its own graph, graphs.py). Startup checks
-that all ranks agree on the checkpoint config, the split and the engine settings before any weight is read, then
-agrees on one cache size (the smallest any rank can hold).
+that fit the CUDA graphs: a "graph_step", each rank replaying its own graph, graphs.py). With an EAGLE draft,
+the target's verify forwards (which also return hidden states) are broadcast steps like any other, and the draft
+runs on rank 0 with the other ranks lending their vocab shards of its embedding and lm_head (draft.py says why).
+Startup checks that all ranks agree on the checkpoint config, the split, the engine settings and the draft before
+any weight is read, then agrees on one cache size (the smallest any rank can hold).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ from small4.engine.model_runner import ModelRunner, resolve_dtype
 from small4.model.context import AttentionMetadata
 from small4.parallel.channel import StepInputs, recv_json, recv_step, send_json, send_step
 from small4.parallel.config import ParallelConfig
+from small4.parallel.draft import (
+    DraftExpectation,
+    draft_fingerprint,
+    run_draft_embed,
+    run_draft_logits,
+    send_draft_embed,
+    send_draft_logits,
+)
 from small4.parallel.graphs import BroadcastGraphs, graphs_message, prepare_rank_graphs, run_graph_step
 from small4.parallel.loading import load_sharded_model
 from small4.parallel.plan import ShardPlan
@@ -37,15 +47,29 @@ class RankMismatchError(RuntimeError):
     """Ranks were started with different checkpoints, splits or engine settings."""
 
 
-def fingerprint(model_dir: Path, engine_cfg: EngineConfig, parallel: ParallelConfig, world_size: int) -> dict:
-    """What every rank must agree on (the device is per rank and left out)."""
+_PER_RANK = ("device", "speculative_model", "num_speculative_tokens")  # compared apart (the draft) or not at all
+
+
+def fingerprint(
+    model_dir: Path,
+    engine_cfg: EngineConfig,
+    parallel: ParallelConfig,
+    world_size: int,
+    draft: DraftExpectation | None = None,
+) -> dict:
+    """What every rank must agree on (the device is per rank and left out). ``draft``: the draft this rank was
+    started for (else the one ``engine_cfg`` names), compared by its files' content and its drafts per step, each
+    under its own name so a refusal says which."""
     config_file = model_dir / "config.json" if (model_dir / "config.json").is_file() else model_dir / "params.json"
-    engine = {k: v for k, v in asdict(engine_cfg).items() if k != "device"}
+    engine = {k: v for k, v in asdict(engine_cfg).items() if k not in _PER_RANK}
+    spec = draft_fingerprint(draft or DraftExpectation.of(engine_cfg))
     return {
         "world_size": world_size,
         "parallel": parallel.to_json(),
         "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest(),
         "engine": engine,
+        "draft": spec["files"],
+        "num_speculative_tokens": spec["num_speculative_tokens"],
         "torch": torch.__version__,
     }
 
@@ -78,6 +102,13 @@ class DriverRunner(ModelRunner):
 
     dist: Dist
     on_failure: Callable[[str], None] | None = None  # the session's: a failed step ends the server
+    vocab_parallel = False  # the embedding and lm_head are split: the draft's uses of them are collective
+
+    def _out_of_step(self, what: str, e: Exception) -> None:
+        """A step that failed half-way (a collective timed out: a rank hangs; out of memory) leaves the ranks out
+        of step, and no later collective can be trusted: the session's handler ends the server."""
+        if self.on_failure is not None:
+            self.on_failure(f"{what} failed on rank 0, the ranks are out of step ({str(e).splitlines()[0]})")
 
     def forward_step(
         self,
@@ -93,10 +124,54 @@ class DriverRunner(ModelRunner):
             send_step(self.dist, StepInputs(ids, positions, meta, sample_rows, images))
             return super().forward_step(ids, positions, meta, sample_rows, images)
         except Exception as e:
-            # a step that failed half-way (a collective timed out: a rank hangs; out of memory) leaves the ranks
-            # out of step, and no later collective can be trusted
-            if self.on_failure is not None:
-                self.on_failure(f"step failed on rank 0, the ranks are out of step ({str(e).splitlines()[0]})")
+            self._out_of_step("step", e)
+            raise
+
+    def forward_with_hidden(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        sample_rows: torch.Tensor,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same broadcast "step" as ``forward_step``: the other ranks run their ``forward_step`` (same
+        collectives: embedding, every layer, the sampled rows' lm_head); only rank 0 keeps the hidden states, for
+        the draft it alone runs. Speculative verify steps come here (eagerly, or through the graphs below)."""
+        if images is not None:
+            images = (images[0], images[1].to(self.dtype))
+        try:
+            send_step(self.dist, StepInputs(ids, positions, meta, sample_rows, images))
+            return super().forward_with_hidden(ids, positions, meta, sample_rows, images)
+        except Exception as e:
+            self._out_of_step("step", e)
+            raise
+
+    def draft_forward(
+        self,
+        next_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The draft on rank 0; with the vocabulary split, the other ranks embed ``next_ids`` with it first."""
+        try:
+            if self.vocab_parallel:
+                send_draft_embed(self.dist, next_ids)
+            return super().draft_forward(next_ids, hidden, positions, meta, images)
+        except Exception as e:
+            self._out_of_step("draft step", e)
+            raise
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The draft's proposals' logits; with the vocabulary split, every rank scores the rows rank 0 sent."""
+        try:
+            if self.vocab_parallel:
+                hidden = send_draft_logits(self.dist, hidden, self.dtype)
+            return super().draft_logits(hidden)
+        except Exception as e:
+            self._out_of_step("draft step", e)
             raise
 
     def prepare_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool = True) -> None:
@@ -112,13 +187,15 @@ class DriverRunner(ModelRunner):
     def _graph_step(self, plan):
         if self.decode_graphs is None:
             return None
-        # a decode-only step has one row per request: its sampled rows are those of the requests that sample
-        self.decode_graphs.sample_rows = [i for i, item in enumerate(plan.scheduled) if item.samples]
+        # a decode-only step has one row per request: its sampled rows are those of the requests that sample; a
+        # speculative verify through the graphs (model_runner._graph_verify_step) scores every row (None)
+        verify = self.draft is not None and any(item.draft_token_ids for item in plan.scheduled)
+        sampled = [i for i, item in enumerate(plan.scheduled) if item.samples]
+        self.decode_graphs.sample_rows = None if verify else sampled
         try:
             return super()._graph_step(plan)
         except Exception as e:
-            if self.on_failure is not None:
-                self.on_failure(f"graph step failed on rank 0, the ranks are out of step ({str(e).splitlines()[0]})")
+            self._out_of_step("graph step", e)
             raise
 
 
@@ -129,12 +206,14 @@ def build_rank(
     d: Dist,
     keep_fp8: bool | None = None,
     expect: ParallelConfig | None = None,
+    expect_draft: DraftExpectation | None = None,
 ) -> ModelRunner:
-    """This rank's runner (a ``DriverRunner`` on rank 0) over its shard of the weights. ``expect``: the split this
-    rank was started for (its own command line), checked against everyone else's before anything is read.
-    ``keep_fp8`` None: keep an FP8 checkpoint in FP8 on a GPU (the W8A8 kernels), dequantise it on the CPU."""
+    """This rank's runner (a ``DriverRunner`` on rank 0) over its shard of the weights. ``expect`` /
+    ``expect_draft``: the split and the draft this rank was started for (its own command line), checked against
+    everyone else's before anything is read. ``keep_fp8`` None: keep an FP8 checkpoint in FP8 on a GPU (the W8A8
+    kernels), dequantise it on the CPU. Only rank 0 loads the draft (draft.py)."""
     model_dir = Path(model_dir)
-    check_agreement(d, fingerprint(model_dir, engine_cfg, expect or parallel, d.world_size))
+    check_agreement(d, fingerprint(model_dir, engine_cfg, expect or parallel, d.world_size, expect_draft))
     config = load_model_config(model_dir, engine_cfg.attention_scale_mscale)
     plan = ShardPlan(config.text, parallel, d.rank)
     dtype = resolve_dtype(engine_cfg.dtype, d.device)
@@ -152,8 +231,11 @@ def build_rank(
         attention_scale_mscale=engine_cfg.attention_scale_mscale,
     )
     log.info("rank %d: read %d bytes of weights (skipped %d)", d.rank, loader.bytes_read, loader.bytes_skipped)
-    cls = DriverRunner if d.is_driver else ModelRunner
-    runner = cls(model, replace(engine_cfg, device=str(d.device)))
+    rank_cfg = replace(engine_cfg, device=str(d.device))
+    if d.is_driver:
+        runner = DriverRunner(model, rank_cfg)
+    else:  # the draft is rank 0's alone: followers only lend their vocab shards to it
+        runner = ModelRunner(model, replace(rank_cfg, speculative_model=None))
     runner.bytes_read = loader.bytes_read
     agreed = torch.tensor([runner.num_blocks], dtype=torch.int64)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=d.cpu_group)
@@ -161,12 +243,16 @@ def build_rank(
         runner._setup(int(agreed.item()))
     if d.is_driver:
         runner.dist = d
+        runner.vocab_parallel = plan.tp > 1
     return runner
 
 
 @torch.inference_mode()
-def worker_loop(d: Dist, device: str, expect: ParallelConfig | None = None) -> int:
-    """Follows rank 0: "load" builds this rank's shard, "step" runs one forward, "stop" returns the steps run."""
+def worker_loop(
+    d: Dist, device: str, expect: ParallelConfig | None = None, expect_draft: DraftExpectation | None = None
+) -> int:
+    """Follows rank 0: "load" builds this rank's shard, "step" runs one forward, "draft_embed" / "draft_logits"
+    lend this rank's vocab shard to rank 0's draft, "stop" returns the steps run."""
     runner: ModelRunner | None = None
     steps = 0
     while True:
@@ -178,7 +264,7 @@ def worker_loop(d: Dist, device: str, expect: ParallelConfig | None = None) -> i
             runner = None  # the old shard goes before the new one is allocated
             engine_cfg = replace(EngineConfig(**message["engine"]), device=device)
             parallel = ParallelConfig(**message["parallel"])
-            runner = build_rank(message["model"], engine_cfg, parallel, d, message["keep_fp8"], expect)
+            runner = build_rank(message["model"], engine_cfg, parallel, d, message["keep_fp8"], expect, expect_draft)
         elif op == "graphs" and runner is not None:
             prepare_rank_graphs(runner, message["max_model_len"], message["max_batch"], message["capture"])
         elif op == "graph_step" and runner is not None and runner.decode_graphs is not None:
@@ -188,5 +274,9 @@ def worker_loop(d: Dist, device: str, expect: ParallelConfig | None = None) -> i
             step = recv_step(d, message, runner.config.text.hidden_size, runner.dtype)
             runner.forward_step(step.ids, step.positions, step.meta, step.sample_rows, step.images)
             steps += 1
+        elif op == "draft_embed" and runner is not None:
+            run_draft_embed(d, runner, message)
+        elif op == "draft_logits" and runner is not None:
+            run_draft_logits(d, runner, message)
         else:
             raise RuntimeError(f"unexpected control message {op!r} (model loaded: {runner is not None})")

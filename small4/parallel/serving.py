@@ -17,6 +17,7 @@ from small4.config import EngineConfig, load_model_config
 from small4.engine.async_engine import AsyncEngine
 from small4.engine.engine import Engine
 from small4.parallel.config import ParallelConfig
+from small4.parallel.draft import DraftExpectation
 from small4.parallel.launch import Nodes, ParallelSession
 from small4.parallel.state import exit_without_teardown
 from small4.tokenizer import Tokenizer
@@ -60,11 +61,13 @@ def end_serving_process(code: int = 0) -> NoReturn:
     exit_without_teardown(code)
 
 
-def follow_node(parallel: ParallelConfig, nodes: Nodes, device: str) -> int:
-    """Any other node: its ranks load what rank 0 tells them and follow its steps; exit 0 when it stops."""
+def follow_node(parallel: ParallelConfig, nodes: Nodes, device: str, engine_cfg: EngineConfig | None = None) -> int:
+    """Any other node: its ranks load what rank 0 tells them and follow its steps; exit 0 when it stops.
+    ``engine_cfg``: this node's own settings, whose draft (files and drafts per step) must be rank 0's."""
     session = ParallelSession(parallel.world_size, device=device, nodes=nodes)
+    expect_draft = None if engine_cfg is None else DraftExpectation.of(engine_cfg)
     try:
-        session.follow(expect=parallel)
+        session.follow(expect=parallel, expect_draft=expect_draft)
     except BaseException:
         session.close()
         raise

@@ -131,15 +131,23 @@ def node_layout(args: argparse.Namespace):
     return Nodes(args.nnodes, args.node_rank, (args.master_addr, int(args.master_port)))
 
 
+def speculative_model(args: argparse.Namespace) -> str | None:
+    """The draft directory: ``--speculative-model``, else the embedded model's own draft when it would speculate
+    (``--profile latency`` or drafts asked for), single-device or split alike."""
+    from small4.weights import embedded_draft_dir
+
+    if args.speculative_model is not None:
+        return str(args.speculative_model)
+    wants_drafts = args.profile == "latency" or args.num_speculative_tokens
+    draft = embedded_draft_dir() if not args.model and wants_drafts else None
+    return None if draft is None else str(draft)
+
+
 def build_from_args(args: argparse.Namespace):
-    from small4.weights import embedded_draft_dir, embedded_model_dir
+    from small4.weights import embedded_model_dir
 
     model_dir = Path(args.model) if args.model else embedded_model_dir()
     parallel = parallel_config(args)
-    speculative_model = args.speculative_model
-    wants_drafts = args.profile == "latency" or args.num_speculative_tokens
-    if speculative_model is None and not args.model and wants_drafts and parallel is None:
-        speculative_model = embedded_draft_dir()  # the embedded model speculates with the draft made for it
     engine_cfg = EngineConfig(
         profile=args.profile,
         max_num_seqs=args.max_num_seqs,
@@ -155,11 +163,9 @@ def build_from_args(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         seed=args.seed,
         attention_scale_mscale=args.attention_scale_mscale,
-        speculative_model=None if speculative_model is None else str(speculative_model),
+        speculative_model=speculative_model(args),
         num_speculative_tokens=args.num_speculative_tokens,
     )
-    if parallel is not None and speculative_model:
-        raise ValueError("--speculative-model is single-device for now (not with tensor / expert parallelism)")
     if getattr(args, "engine_process", "inline") == "separate":
         if parallel is not None:
             raise ValueError("--engine-process separate does not support --tensor-parallel-size > 1 yet")
@@ -250,7 +256,13 @@ def serve(args: argparse.Namespace) -> int:
     if nodes.rank > 0:  # not the API node: this node's ranks follow rank 0 until it stops
         from small4.parallel import follow_node
 
-        return follow_node(parallel_config(args), nodes, args.device)
+        # this node's own draft settings: rank 0's must be the same (checked at load)
+        draft = EngineConfig(
+            profile=args.profile,
+            speculative_model=speculative_model(args),
+            num_speculative_tokens=args.num_speculative_tokens,
+        )
+        return follow_node(parallel_config(args), nodes, args.device, draft)
     app, ctx = build_from_args(args)
     log.info(
         "serving %s on http://%s:%d (max tokens in cache: %d)",

@@ -227,7 +227,7 @@ class SpeculativeDecoder:
                 meta = _decode_meta([reqs[i] for i in active], pos, runner.block_size, runner.pad_block, hidden.device)
                 ids = torch.tensor([drafts[i][-1] for i in active], device=hidden.device)
                 hidden = runner.draft_forward(ids, hidden, torch.tensor(pos, device=hidden.device), meta)
-            logits = runner.model.compute_logits(hidden)  # [A, V]: the target's lm_head on the draft's hidden
+            logits = runner.draft_logits(hidden)  # [A, V]: the target's lm_head on the draft's hidden
             rows = [(seqs[reqs[i].request_id], drafts[i]) for i in active]
             q = sampling_probs(self._process(logits, rows), [s.request.sampling_params for s, _ in rows])
             tokens = _draw(q, [s for s, _ in rows], rng)

@@ -1,10 +1,12 @@
 """Startup and fault checks: splits that do not divide are refused by name; ranks that disagree fail fast, on every
 rank; FP8 block scales are cut at the same boundaries as their weights; a hung worker fails the step within the
-collective timeout (and the failure handler, which ends a server, is called)."""
+collective timeout (and the failure handler, which ends a server, is called); ranks started for another EAGLE
+draft, or for another number of drafts per step, are refused by name (a copy of the same files is not)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 
@@ -18,6 +20,7 @@ from small4.parallel.launch import ParallelSession
 from small4.parallel.plan import Cut, scale_cut
 from small4.parallel.runner import RankMismatchError
 from small4.weights.tiny import make_tiny
+from small4.weights.tiny_draft import make_tiny_draft
 
 
 def test_splits_must_divide_the_real_shapes():
@@ -85,3 +88,30 @@ def test_a_hung_worker_fails_the_step_within_the_timeout(tmp_path):
     finally:
         session.close(timeout=10)
     assert not torch.distributed.is_initialized()  # closed after a worker died: the next session can start
+
+
+@pytest.mark.parametrize("worker_draft", ["other files", "other count", "a copy"])
+def test_ranks_started_for_another_draft_are_refused_by_name(tmp_path, worker_draft):
+    """Rank 1 started (as a second node's command line would say) for another draft, for another number of
+    drafts per step, or for a copy of rank 0's draft elsewhere (the same files: accepted)."""
+    model_dir = make_tiny(tmp_path / "target")
+    draft_dir = make_tiny_draft(tmp_path / "draft", seed=1)
+    other = {
+        "other files": (make_tiny_draft(tmp_path / "other", seed=2), "3"),
+        "other count": (draft_dir, "2"),
+        "a copy": (shutil.copytree(draft_dir, tmp_path / "copy"), "3"),
+    }[worker_draft]
+    failures: list[str] = []
+    args = [["--speculative-model", str(other[0]), "--num-speculative-tokens", other[1]]]
+    session = ParallelSession(2, device="cpu", worker_args=args, on_failure=failures.append, timeout_s=60)
+    try:
+        cfg = EngineConfig(device="cpu", dtype="float32", speculative_model=str(draft_dir), num_speculative_tokens=3)
+        if worker_draft == "a copy":
+            assert session.load(model_dir, cfg, ParallelConfig(2, 1)).draft is not None
+            return
+        field = "draft" if worker_draft == "other files" else "num_speculative_tokens"
+        with pytest.raises(RankMismatchError, match=f"rank 1 disagrees with rank 0 on {field}$"):
+            session.load(model_dir, cfg, ParallelConfig(2, 1))
+        assert session.workers[0].wait(timeout=30) == 1
+    finally:
+        session.close(timeout=10)
