@@ -1,12 +1,14 @@
 """`small4 serve --tensor-parallel-size 2 --enable-expert-parallel` as a real subprocess (rank 0 serves the API,
 one worker subprocess): the same answers as a one-process server (chat with an image, two batched completions), then a
-killed worker ends the server within a bound, with a log line naming it and a non-zero exit."""
+killed worker ends the server within a bound, with a log line naming it and a non-zero exit. The embedded demo model
+under `--profile latency` speculates with its shipped draft split as on one process."""
 
 from __future__ import annotations
 
 import base64
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,9 +60,11 @@ def _answers(base: str) -> list:
     return out
 
 
-def _one_process_answers(model_dir: Path) -> list:
+def _one_process_answers(model_dir: Path | None) -> list:
+    """The answers of an in-process server over ``model_dir`` (None: the embedded model)."""
     port = _free_port()
-    app, _ = build_from_args(build_parser().parse_args(["serve", str(model_dir), "--port", str(port), *COMMON]))
+    model = [] if model_dir is None else [str(model_dir)]
+    app, _ = build_from_args(build_parser().parse_args(["serve", *model, "--port", str(port), *COMMON]))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -126,3 +130,30 @@ def test_two_nodes_on_loopback_answer_like_one_process_and_stop_together(tmp_pat
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def _spec_counter(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return float(re.search(rf"^small4_spec_{name}_total (\S+)$", text, re.M).group(1))
+
+
+def test_embedded_model_speculates_with_its_draft_split_like_one_process(tmp_path):
+    """`small4 serve --tensor-parallel-size 2 --profile latency` with no model: the embedded demo model and its
+    shipped draft, rank 0 drafting with rank 1's vocab shard; the answers of one process (speculating too)."""
+    want = _one_process_answers(None)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "small4.cli", "serve", "--port", str(port), *COMMON, "--tensor-parallel-size", "2"]
+    log = open(tmp_path / "server.log", "w+")
+    env = {**os.environ, "SMALL4_DIST_TIMEOUT": "60"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(base, proc)
+        assert _answers(base) == want
+        assert _spec_counter(base, "verify_steps") > 0 and _spec_counter(base, "accepted_tokens") > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
