@@ -127,8 +127,20 @@ def test_split_speculation_gives_one_process_and_plain_greedy_tokens(session, de
     assert run(engine, chats, params) == want
     stats = engine.spec.stats
     assert stats.num_verifies > 0 and stats.num_accepted > 0, stats
-    # the same drafts as on one process (rank 0's hidden states agree with one process's to float32 rounding)
-    assert (stats.num_drafts, stats.num_accepted) == (single_stats.num_drafts, single_stats.num_accepted), stats
+    if device.type == "cpu":  # the same drafts as on one process (measured here; CUDA's rounding may differ)
+        assert (stats.num_drafts, stats.num_accepted) == (single_stats.num_drafts, single_stats.num_accepted), stats
+
+
+def test_seeded_sampling_under_tp_follows_one_process(session, device, chats):
+    """Sampled speculation (rejection sampling with each request's own generator) draws on rank 0 only: a seeded
+    batch gives the one-process speculative tokens."""
+    params = [SamplingParams(temperature=0.8, max_tokens=n, seed=7 + i) for i, n in enumerate(BUDGETS)]
+    cfg = engine_config(device, SHIPPED_DEMO_DRAFT_DIR)
+    single = Engine(ModelRunner.from_model_dir(SHIPPED_DEMO_DIR, cfg), demo_tokenizer())
+    want = run(single, chats, params)
+    engine = Engine(session.load(SHIPPED_DEMO_DIR, cfg, SPLITS["tp2"]), demo_tokenizer())
+    assert run(engine, chats, params) == want
+    assert engine.spec.stats.num_accepted > 0
 
 
 def test_split_verify_steps_through_the_decode_graph_protocol(session, device, chats, demo_reference):
