@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 from PIL import Image
 
@@ -108,12 +109,15 @@ def test_parallel_server_answers_like_one_process_and_dies_with_its_worker(tmp_p
             os.kill(pid, signal.SIGKILL)
 
 
-def test_two_nodes_on_loopback_answer_like_one_process_and_stop_together(tmp_path):
-    """`--nnodes 2`: node 1 (one rank) follows node 0 (rank 0, the API); SIGTERM on node 0 stops both, exit 0."""
-    model_dir = make_tiny(tmp_path / "tiny", layout="mistral", seed=3)
+@pytest.mark.parametrize("model", ["tiny", "embedded"])
+def test_two_nodes_on_loopback_answer_like_one_process_and_stop_together(tmp_path, model):
+    """`--nnodes 2`: node 1 (one rank) follows node 0 (rank 0, the API); SIGTERM on node 0 stops both, exit 0.
+    The embedded model speculates with its draft: node 1's own command line resolves the same draft (checked)."""
+    model_dir = make_tiny(tmp_path / "tiny", layout="mistral", seed=3) if model == "tiny" else None
     want = _one_process_answers(model_dir)
     port, master = _free_port(), _free_port()
-    base = [sys.executable, "-m", "small4.cli", "serve", str(model_dir), *COMMON, "--tensor-parallel-size", "2"]
+    model_arg = [] if model_dir is None else [str(model_dir)]
+    base = [sys.executable, "-m", "small4.cli", "serve", *model_arg, *COMMON, "--tensor-parallel-size", "2"]
     base += ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(master)]
     env = {**os.environ, "SMALL4_DIST_TIMEOUT": "60"}
     log = open(tmp_path / "nodes.log", "w+")
@@ -122,6 +126,8 @@ def test_two_nodes_on_loopback_answer_like_one_process_and_stop_together(tmp_pat
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", node0)
         assert _answers(f"http://127.0.0.1:{port}") == want
+        if model_dir is None:
+            assert _spec_counter(f"http://127.0.0.1:{port}", "accepted_tokens") > 0
         node0.send_signal(signal.SIGTERM)
         assert node0.wait(timeout=30) == 0
         assert node1.wait(timeout=30) == 0
