@@ -39,9 +39,8 @@ BUDGETS = [24, 16, 30, 9]
 def engine_config(device: torch.device, draft=None, **fields) -> EngineConfig:
     """The latency profile in float32 (one-process and split logits then agree to ~1e-6), small blocks so runs
     cross block boundaries, with ``draft`` (a directory) speculating 3 tokens per step."""
-    cfg = EngineConfig(
-        profile="latency", dtype="float32", device=device.type, kv_cache_memory=4 << 20, block_size=4, **fields
-    )
+    fields = {"kv_cache_memory": 4 << 20, "block_size": 4, **fields}
+    cfg = EngineConfig(profile="latency", dtype="float32", device=device.type, **fields)
     return cfg if draft is None else replace(cfg, speculative_model=str(draft), num_speculative_tokens=3)
 
 
@@ -161,18 +160,27 @@ def test_split_verify_steps_through_the_decode_graph_protocol(session, device, c
     assert engine.spec.stats.num_accepted > 0
 
 
-def test_tiny_target_with_a_tiny_draft(session, device, tmp_path_factory):
-    """A random tiny target and a random tiny draft (released layout): acceptance is luck, the tokens are not."""
+@pytest.mark.parametrize("layout,quant", [("release", "none"), ("hf", "fp8")])
+def test_tiny_target_with_a_tiny_draft_chunked_and_preempted(session, device, tmp_path_factory, layout, quant):
+    """A random tiny target and a random tiny draft (both layouts; FP8 dequantised as the target is) in a cache of
+    8 blocks with 16-token steps: prompts are chunked and requests preempted while they speculate. Acceptance is
+    luck here (near 0), the tokens are not."""
     root = tmp_path_factory.mktemp("tiny-spec")
     model_dir = make_tiny(root / "target", layout="hf", seed=5)
-    draft_dir = make_tiny_draft(root / "draft", layout="release", seed=2)
+    draft_dir = make_tiny_draft(root / "draft", layout=layout, quant=quant, seed=2)
     tokenizer = Tokenizer.from_file(model_dir)
     prompts = [tokenizer.encode(t, bos=True) for t in ("the quick brown fox", "a b c d e f g h", "x")]
-    params = greedy([10, 7, 12])
-    want = run(Engine(ModelRunner.from_model_dir(model_dir, engine_config(device)), tokenizer), prompts, params)
-    single = Engine(ModelRunner.from_model_dir(model_dir, engine_config(device, draft_dir)), tokenizer)
+    params = greedy([12, 12, 12])
+    small = {"kv_cache_memory": 8 * 2304, "max_num_batched_tokens": 16}  # 2304 B: one block, target + draft
+    want = run(
+        Engine(ModelRunner.from_model_dir(model_dir, engine_config(device, **small)), tokenizer), prompts, params
+    )
+    cfg = engine_config(device, draft_dir, **small)
+    single = Engine(ModelRunner.from_model_dir(model_dir, cfg), tokenizer)
     assert run(single, prompts, params) == want
-    runner = session.load(model_dir, engine_config(device, draft_dir), SPLITS["tp2"])
+    runner = session.load(model_dir, cfg, SPLITS["tp2"])
+    assert runner.num_blocks == single.runner.num_blocks == 8  # the smallest rank's: rank 0 holds the draft's
     engine = Engine(runner, tokenizer)
     assert run(engine, prompts, params) == want
+    assert engine.num_preemptions > 0
     assert engine.spec.stats.num_drafts == single.spec.stats.num_drafts > 0
