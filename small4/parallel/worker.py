@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--tensor-parallel-size", type=int, default=None, help="the split this rank expects")
     p.add_argument("--expert-parallel-size", type=int, default=1)
-    p.add_argument("--speculative-model", default=None, help="the EAGLE draft this rank expects (with --num-speculative-tokens)")
-    p.add_argument("--num-speculative-tokens", type=int, default=None)
+    p.add_argument("--speculative-model", default=None, help="the EAGLE draft this rank expects")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, help="its drafts per step (give both)")
     args = p.parse_args(argv)
     if (args.speculative_model is None) != (args.num_speculative_tokens is None):
         p.error("--speculative-model and --num-speculative-tokens go together")
