@@ -3,7 +3,8 @@ checkpoints (both layouts; FP8 kept and dequantised; NVFP4 experts).
 
 This test process is rank 0 (it drives, as the API process does); one worker subprocess is rank 1, over gloo on
 loopback. One session serves every case: each case is a "load" message, so the worker starts once. Greedy outputs
-through the engine must be identical and the fp32 logits of a prefill within 1e-5.
+through the engine must be identical and the fp32 logits of a prefill within 1e-5 + 1e-5 relative (the all-reduce
+sums the ranks' partial products in another order than one matmul: ~1e-5 apart on logits of a few units).
 """
 
 from __future__ import annotations
@@ -85,11 +86,11 @@ def test_parallel_matches_one_process(session, checkpoints, layout, fp8, keep):
     for name, split in SPLITS.items():
         runner = session.load(model_dir, ENGINE, split, keep_fp8=keep)
         got_logits = prefill_logits(runner, tokenizer)
-        torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         assert greedy(runner, tokenizer) == want_tokens, name
         if split.all_to_all_min_tokens == 1:  # one token: rank 0 owns none of it, sends and receives nothing
             one = prefill_logits(runner, tokenizer, [""])
-            torch.testing.assert_close(one, prefill_logits(single, tokenizer, [""]), rtol=0, atol=1e-5)
+            torch.testing.assert_close(one, prefill_logits(single, tokenizer, [""]), rtol=1e-5, atol=1e-5)
         if split.expert_parallel:  # each strategy ran where its batch sizes came up
             calls = runner.model.layers[0].mlp.experts.dispatch.calls
             threshold = split.all_to_all_min_tokens
