@@ -187,6 +187,9 @@ class Engine:
             seq = self.sequences.pop(seq_id, None)
             if seq is not None:
                 outputs.append(self._output(seq, [], "", []))
+        step = self._in_flight
+        if step is not None and all(r.is_finished for r in step.requests + [i.request for i in step.plan.scheduled]):
+            self._in_flight = None  # nothing left to read back (the device may still finish it: nothing reads it)
         return outputs
 
     def has_unfinished(self) -> bool:
