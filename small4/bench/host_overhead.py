@@ -24,7 +24,7 @@ estimates it, 1.4 ms at batch 1 and 24 ms at batch 256, linear in between; or on
 device is a FIFO queue that starts a step when the host has launched it (the moment the sampler's kernels are
 enqueued, ``Sampler.sample`` returning) and the previous step is done, and takes ``device-ms``; reading a step's
 sampled ids back waits until its modelled end (``_sample`` returning in the synchronous loop, ``_resolve`` starting
-in the overlap loop; the wait sleeps, and its last spin is taken out of the CPU figures). The device's idle time per
+in the overlap loop; the wait spins, and its CPU time is taken out of the CPU figures). The device's idle time per
 step is then the critical-path host time (``critical_ms_median``) and ``device_idle_fraction`` its share of the
 run. This is a model of the device, not a measurement of one: it ignores kernel-launch latency and the host work
 a real CUDA stream would overlap anyway, and the no-op forward enqueues nothing. ``--device-ms 0`` turns the model
@@ -107,7 +107,9 @@ class DeviceModel:
     """A device that takes ``step_ms`` per step, started in launch order (see the module docstring): ``launch`` when
     a step's sampler is enqueued, ``wait`` when the host reads the oldest unread step's ids."""
 
-    SPIN_S = 2e-4  # the last part of a wait spins (sleep overshoots); its CPU time is counted and taken out
+    # a wait spins (a sleep's wake-up on a loaded machine overshoots by milliseconds, which would count as device
+    # idle time); its CPU time is counted and taken out of the step's. Only waits longer than this sleep first.
+    SPIN_S = 0.05
 
     def __init__(self, step_ms: float) -> None:
         self.step_s = step_ms / 1e3
@@ -187,19 +189,19 @@ def measure(
     if runner.decode_graphs is not None:
         runner.decode_graphs.run = _timed(times, cpu, "graph_run", runner.decode_graphs.run)
     sched.schedule = _timed(times, cpu, "schedule", sched.schedule)
-    if overlap:  # the update is split in two: booked at launch, written when the ids come back
-        sched.advance_in_flight = _timed(times, cpu, "update", sched.advance_in_flight)
-        sched.resolve_in_flight = _timed(times, cpu, "update", sched.resolve_in_flight)
-        engine._sample_on_device = _timed(times, cpu, "sample", engine._sample_on_device)
-    else:
-        sched.update_from_output = _timed(times, cpu, "update", sched.update_from_output)
-        engine._sample = _timed(times, cpu, "sample", engine._sample)
+    # both loops' pieces: the engine picks one per step (an overlap run falls back for penalties). The overlap
+    # loop's update is split in two: booked at launch, written when the ids come back
+    sched.update_from_output = _timed(times, cpu, "update", sched.update_from_output)
+    sched.advance_in_flight = _timed(times, cpu, "update", sched.advance_in_flight)
+    sched.resolve_in_flight = _timed(times, cpu, "update", sched.resolve_in_flight)
+    engine._sample = _timed(times, cpu, "sample", engine._sample)
+    engine._sample_on_device = _timed(times, cpu, "sample", engine._sample_on_device)
     engine._emit = _timed(times, cpu, "emit", engine._emit)
-    model = _install_device_model(engine, device_ms_for(args.device_ms, batch), overlap)
+    model = _install_device_model(engine, device_ms_for(args.device_ms, batch))
 
     def step() -> None:
         engine.step()
-        if device.type == "cuda" and not overlap:
+        if device.type == "cuda" and engine._in_flight is None:
             torch.cuda.synchronize(device)
 
     timed_step = _timed(times, cpu, "step", step)
@@ -232,38 +234,31 @@ def measure(
     return row
 
 
-def _install_device_model(engine: Engine, step_ms: float, overlap: bool) -> DeviceModel | None:
-    """Hook the modelled device onto the engine's own seams (see the module docstring); None without one."""
+def _install_device_model(engine: Engine, step_ms: float) -> DeviceModel | None:
+    """Hook the modelled device onto the engine's own seams (see the module docstring), for both loops (the engine
+    picks one per step); None without a model."""
     if step_ms <= 0:
         return None
     model = DeviceModel(step_ms)
     if engine._in_flight is not None:
         model.pending()
-    sample = engine.sampler.sample
+    sample, sample_sync, resolve = engine.sampler.sample, engine._sample, engine._resolve
 
     def launched(*a, **k):
         out = sample(*a, **k)
         model.launch()
         return out
 
-    engine.sampler.sample = launched
-    if overlap:
-        resolve = engine._resolve
+    def sampled(*a, **k):  # the synchronous loop reads the ids inside _sample
+        out = sample_sync(*a, **k)
+        model.wait()
+        return out
 
-        def resolved(step):
-            model.wait()
-            return resolve(step)
+    def resolved(step):  # the overlap loop reads them first thing in _resolve
+        model.wait()
+        return resolve(step)
 
-        engine._resolve = resolved
-    else:
-        sample_sync = engine._sample
-
-        def sampled(*a, **k):
-            out = sample_sync(*a, **k)
-            model.wait()
-            return out
-
-        engine._sample = sampled
+    engine.sampler.sample, engine._sample, engine._resolve = launched, sampled, resolved
     return model
 
 

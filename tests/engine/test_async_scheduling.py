@@ -73,12 +73,12 @@ def _workload(seed: int, eos: int) -> tuple[list, dict[str, int]]:
     rng = random.Random(seed)
     shared = [rng.randrange(1000, 3000) for _ in range(13)]
     script, abort_after = [], {}
-    for i in range(12):
-        own = [rng.randrange(1000, 3000) for _ in range(rng.randint(1, 30))]
+    for i in range(9):
+        own = [rng.randrange(1000, 3000) for _ in range(rng.randint(1, 24))]
         prompt = shared + own if rng.random() < 0.4 else own
-        if i >= 8 and rng.random() < 0.5:
+        if i >= 6 and rng.random() < 0.5:
             prompt = list(script[rng.randrange(len(script))][2])  # the same prompt again: a prefix-cache hit
-        kw = {"max_tokens": rng.randint(1, 18), "n": 2 if rng.random() < 0.2 else 1}
+        kw = {"max_tokens": rng.randint(1, 12), "n": 2 if rng.random() < 0.2 else 1}
         if rng.random() < 0.5:
             kw["temperature"] = 0.0
         else:
@@ -88,7 +88,7 @@ def _workload(seed: int, eos: int) -> tuple[list, dict[str, int]]:
         if rng.random() < 0.2:
             kw["min_tokens"] = rng.randint(0, kw["max_tokens"])
         rid = f"r{i}"
-        script.append((rng.randint(0, 12), rid, prompt, SamplingParams(**kw)))
+        script.append((rng.randint(0, 8), rid, prompt, SamplingParams(**kw)))
         if rng.random() < 0.15:
             abort_after[rid] = rng.randint(1, 6)
     script.sort(key=lambda s: s[0])
@@ -114,17 +114,19 @@ def _with_stops(script: list, first: dict) -> list:
 CONFIGS = {
     "plain": {},
     "chunked": {"max_num_batched_tokens": 24, "max_num_seqs": 8, "long_prefill_token_threshold": 12},
-    "no-prefix-cache": {"enable_prefix_caching": False, "max_num_seqs": 4},
+    "no-prefix-cache": {"enable_prefix_caching": False, "max_num_seqs": 6},
     "small-pool": {"max_num_seqs": 16},  # kv_cache_memory set in the test: preemption
 }
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize(
+    "config, seed",
+    [("plain", 0), ("plain", 1), ("chunked", 0), ("no-prefix-cache", 0), ("small-pool", 0), ("small-pool", 1)],
+)
 def test_overlap_outputs_equal_the_synchronous_loop(model_dir, device, config, seed):
     cfg = dict(CONFIGS[config])
     if config == "small-pool":
-        cfg["kv_cache_memory"] = _blocks_for(model_dir, device, 20)
+        cfg["kv_cache_memory"] = _blocks_for(model_dir, device, 16)
     sync = _engine(model_dir, device, False, **cfg)
     script, abort_after = _workload(seed, sync.tokenizer.eos_id)
     script = _with_stops(script, _drive(sync, script, {}))
@@ -142,7 +144,7 @@ def _allow_some(vocab: int):
     """A grammar-like mask factory: one provider per sequence, allowing every seventh token."""
     allowed = torch.zeros(vocab, dtype=torch.bool)
     allowed[1000::7] = True
-    return (lambda: (lambda output_ids: allowed)), allowed
+    return (lambda: lambda output_ids: allowed), allowed
 
 
 @pytest.mark.parametrize("kind", ["grammar", "penalties", "logprobs"])
