@@ -256,7 +256,8 @@ class Engine:
         seqs = [self.sequences.get(item.request.request_id) for item in plan.scheduled]
         parents = list(dict.fromkeys(s.parent_id for s in seqs if s is not None))
         try:
-            batch = self.runner.execute(plan, self._input_patch(plan, previous))
+            plan.input_patch = self._input_patch(plan, previous)
+            batch = self.runner.execute(plan)
             tokens = self._sample_on_device(batch.request_ids, batch.logits)
             self.scheduler.advance_in_flight(plan)
         except Exception as exc:

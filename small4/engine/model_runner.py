@@ -276,7 +276,7 @@ class ModelRunner:
             index = torch.tensor(pairs, dtype=torch.long)
         step.input_ids.index_copy_(0, index[0], patch.source.index_select(0, index[1]))
 
-    def _graph_step(self, plan: SchedulerOutput, patch: InputPatch | None = None) -> StepBatch | None:
+    def _graph_step(self, plan: SchedulerOutput) -> StepBatch | None:
         """A decode-only step through the graphs; None when the step does not fit them (it then runs eagerly)."""
         graphs, items = self.decode_graphs, plan.scheduled
         if graphs is None or not items or len(items) > graphs.max_batch:
@@ -292,7 +292,7 @@ class ModelRunner:
             if item.request.mm_inputs is not None and _has_image_slot(item):
                 return None
         step = self.inputs.stage(items, plan.preempted)
-        self._patch_inputs(step, patch)
+        self._patch_inputs(step, plan.input_patch)
         hidden = graphs.run(step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.seq_lens)
         ids = [item.request.request_id for item in items if item.samples]
         batch = StepBatch(ids, self.model.compute_logits(self._sampled_hidden(hidden, step)))
@@ -347,15 +347,15 @@ class ModelRunner:
         return hidden if step.all_rows_sample else hidden.index_select(0, step.sample_rows)
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput, patch: InputPatch | None = None) -> StepBatch:
-        """One forward over the plan; ``patch`` (async scheduling) names decode rows whose input token the previous
-        step is still sampling on the device."""
-        graphed = self._graph_step(plan) if patch is None else self._graph_step(plan, patch)
+    def execute(self, plan: SchedulerOutput) -> StepBatch:
+        """One forward over the plan; ``plan.input_patch`` (async scheduling) names decode rows whose input token the
+        previous step is still sampling on the device."""
+        graphed = self._graph_step(plan)
         if graphed is not None:
             return graphed
         items = plan.scheduled
         step = self.inputs.stage(items, plan.preempted)
-        self._patch_inputs(step, patch)
+        self._patch_inputs(step, plan.input_patch)
         meta = self._step_meta(step)
         images = self._image_rows(items, step.query_start_loc)
         ids = [item.request.request_id for item in items if item.samples]

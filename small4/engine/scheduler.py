@@ -70,6 +70,9 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # async scheduling: the engine's ``InputPatch`` for decode rows whose input token is still on the device
+    # (opaque here, read by the runner: set on the plan so ``execute(plan)`` keeps its one-argument seam)
+    input_patch: object | None = None
 
     @property
     def num_batched_tokens(self) -> int:

@@ -202,7 +202,7 @@ def test_a_failed_overlapped_step_names_its_requests_and_the_engine_keeps_servin
     for _ in range(3):
         engine.step()
     real = engine.runner.execute
-    engine.runner.execute = lambda plan, patch=None: (_ for _ in ()).throw(RuntimeError("device lost"))
+    engine.runner.execute = lambda plan: (_ for _ in ()).throw(RuntimeError("device lost"))
     with pytest.raises(StepFailedError) as err:
         engine.step()
     assert sorted(err.value.request_ids) == ["a", "b"]
