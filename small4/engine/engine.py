@@ -295,11 +295,11 @@ class Engine:
         """Read a launched step's tokens, apply them and emit; rows of requests ended meanwhile are dropped."""
         try:
             tokens = step.read()
-            live = {
-                rid: tok
-                for rid, req, tok in zip(step.request_ids, step.requests, tokens, strict=True)
-                if not req.is_finished and rid in self.sequences and self.sequences[rid].request is req
-            }
+            seqs, live = self.sequences, {}
+            for rid, req, tok in zip(step.request_ids, step.requests, tokens, strict=True):
+                seq = seqs.get(rid)
+                if seq is not None and seq.request is req and not req.status.finished:
+                    live[rid] = tok
             self.scheduler.resolve_in_flight(step.plan, live)
             return self._emit(step.plan, {rid: (tok, None) for rid, tok in live.items()})
         except Exception as exc:

@@ -309,23 +309,19 @@ class Scheduler:
             if not item.samples or request.is_finished or not request.num_pending_outputs:
                 continue
             token = sampled[request.request_id]
-            out, later = request.output_token_ids, request.num_pending_outputs - 1
-            index = len(out) - request.num_pending_outputs
-            out[index] = token
-            kept, computed = out[index + 1 :], request.num_computed_tokens
-            del out[index + 1 :]
-            request.num_pending_outputs = 0
-            # a sampling step leaves exactly the last token uncomputed: the state update_from_output leaves
-            request.num_computed_tokens = min(computed, request.num_tokens - 1)
+            out = request.output_token_ids
+            out[len(out) - request.num_pending_outputs] = token
+            request.num_pending_outputs -= 1  # the later placeholders stay: stops count only resolved tokens
+            known = len(request.prompt_token_ids) + len(out) - request.num_pending_outputs
+            computed = request.num_computed_tokens
             status, stop_reason = self._check_stop(request, token)
             if status is not None:
+                # a sampling step leaves exactly the last token uncomputed: what update_from_output publishes
+                request.num_computed_tokens = min(computed, known - 1)
                 self.block_manager.cache_full_blocks(request)
-                self._finish_resolved(request, status, stop_reason)
+                self._finish_resolved(request, status, stop_reason)  # drops the later placeholders
                 finished.append(request)
-                continue
-            out.extend(kept)
-            request.num_pending_outputs, request.num_computed_tokens = later, computed
-            if computed <= request.num_tokens - later:
+            elif computed <= known:
                 self.block_manager.cache_full_blocks(request)
         if finished:
             self.running = [r for r in self.running if not r.is_finished]
@@ -378,7 +374,8 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED, None
             if token in params.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED, token
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+        num_tokens = request.num_tokens - request.num_pending_outputs  # placeholders are not tokens yet
+        if request.num_output_tokens >= params.max_tokens or num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
 
