@@ -224,3 +224,18 @@ def test_abort_of_a_request_whose_token_is_in_flight(model_dir, device):
         runs[overlap] = _drive(engine, script, {"a": 3})
     assert runs[True] == runs[False]
     assert runs[True][("a", 0)]["finish"] == ("abort", None) and len(runs[True][("a", 0)]["tokens"]) == 3
+
+
+def test_overlap_through_the_decode_graph_buffers(model_dir, device):
+    """Decode steps through the decode-graph buffers (captured on CUDA, the static-buffer path elsewhere) take their
+    input tokens from the device-side patch too: outputs equal the synchronous loop's."""
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    script = [(0, f"r{i}", [1000 + 31 * i + j for j in range(3 + 2 * i)], params) for i in range(4)]
+    runs = {}
+    for overlap in (False, True):
+        engine = _engine(model_dir, device, overlap)
+        if engine.runner.decode_graphs is None:
+            engine.runner.capture_decode_graphs(16, 8, capture=device.type == "cuda")
+        runs[overlap] = _drive(engine, script, {})
+        assert engine.num_overlapped_steps > (5 if overlap else -1)
+    assert runs[True] == runs[False]
