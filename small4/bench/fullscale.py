@@ -101,7 +101,7 @@ def build_bench(args: argparse.Namespace, d: Dist | None = None) -> Bench:
         args.seed,
         args.cuda_graph,
         dist=d,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=getattr(args, "async_scheduling", False),  # namespaces built by hand (tests, spmd) lack it
     )
 
 
