@@ -91,7 +91,18 @@ def build_bench(args: argparse.Namespace, d: Dist | None = None) -> Bench:
         if args.max_cache_memory is not None
         else (CPU_CACHE_BUDGET if device.type == "cpu" else None)
     )
-    return Bench(runner, spec, spec.num_layers, args.dtype, device, budget, args.seed, args.cuda_graph, dist=d)
+    return Bench(
+        runner,
+        spec,
+        spec.num_layers,
+        args.dtype,
+        device,
+        budget,
+        args.seed,
+        args.cuda_graph,
+        dist=d,
+        async_scheduling=getattr(args, "async_scheduling", False),  # namespaces built by hand (tests, spmd) lack it
+    )
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:
@@ -348,6 +359,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-cache-memory", type=parse_bytes, help="skip combos whose latent cache exceeds this")
     p.add_argument("--reference", action="store_true", help="also time transformers generate at batch 1 and 8")
     p.add_argument("--cuda-graph", action="store_true", help="also time the decode forward as a CUDA graph replay")
+    p.add_argument(
+        "--async-scheduling", action="store_true", help="the serving measurement's engine overlaps host and device"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, help="ranks (one process each)")
     p.add_argument("--enable-expert-parallel", action="store_true", help="partition the experts over the ranks")

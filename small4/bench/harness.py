@@ -39,6 +39,7 @@ class Bench:
     cuda_graph: bool = False
     filled: tuple[int, list[torch.Tensor]] | None = None  # (context, first sequence's latent blocks per layer)
     dist: Dist | None = None  # this rank's process group when the model is split (every rank runs the bench)
+    async_scheduling: bool = False  # the serving measurement's engine overlaps its steps (engine/overlap.py)
 
     @property
     def model(self):

@@ -85,6 +85,7 @@ def measure_serving(
             max_model_len=input_len + output_len,
             enable_prefix_caching=False,
             enforce_eager=not bench.cuda_graph,
+            async_scheduling=bench.async_scheduling,
         )
     )
     try:

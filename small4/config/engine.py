@@ -54,6 +54,9 @@ class EngineConfig:
     # speculative decoding: the EAGLE draft's directory, and drafts per step (0: off; None: the profile's)
     speculative_model: str | None = None
     num_speculative_tokens: int | None = None
+    # async scheduling: the host plans and launches the next step while the device runs this one (engine/overlap.py
+    # says which requests fall back to the synchronous step)
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         require(self.profile in PROFILES, "profile", f"must be one of {sorted(PROFILES)}")

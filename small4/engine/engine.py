@@ -18,9 +18,10 @@ import torch
 from small4.config import EngineConfig
 from small4.engine.detokenizer import IncrementalDetokenizer
 from small4.engine.kv_cache import BlockManager
-from small4.engine.model_runner import ModelRunner
+from small4.engine.model_runner import InputPatch, ModelRunner
 from small4.engine.multimodal import ImageInput, MultiModalInputs
 from small4.engine.outputs import CompletionOutput, GenerationResult, RequestOutput
+from small4.engine.overlap import InFlight, overlaps
 from small4.engine.request import Request, RequestStatus
 from small4.engine.sampler import Sampler, SamplingBatch, TokenLogprobs, seeded_generator
 from small4.engine.sampling_params import SamplingParams
@@ -86,6 +87,9 @@ class Engine:
         self.children: dict[str, list[str]] = {}
         self.num_preemptions = 0
         self.num_steps = 0
+        self.num_overlapped_steps = 0  # steps launched before the previous one's tokens were read (async scheduling)
+        self._in_flight: InFlight | None = None
+        self._synchronous: set[str] = set()  # live sequences that need the synchronous step (engine/overlap.py)
         self.spec: SpeculativeDecoder | None = None
         k = self.engine_cfg.num_speculative_tokens
         if getattr(self.runner, "draft", None) is not None and k:
@@ -147,6 +151,7 @@ class Engine:
             for seq_id in added:
                 self.scheduler.abort_request(seq_id)
                 del self.sequences[seq_id]
+                self._synchronous.discard(seq_id)
             raise
         self.children[request_id] = ids
 
@@ -167,6 +172,8 @@ class Engine:
         detok = IncrementalDetokenizer(self.tokenizer.token_bytes, self.tokenizer.is_special, params)
         token_mask = mask_factory() if mask_factory is not None else None
         self.sequences[seq_id] = _Sequence(request, parent_id, index, detok, generator, token_mask)
+        if not overlaps(params, token_mask is not None):
+            self._synchronous.add(seq_id)
 
     def abort_request(self, request_id: str) -> list[RequestOutput]:
         """Ends a request (all its n sequences) and frees its blocks now."""
@@ -174,21 +181,46 @@ class Engine:
         for seq_id in self.children.pop(request_id, []):
             self.scheduler.abort_request(seq_id)
             self.sampler.release(seq_id)
+            self._synchronous.discard(seq_id)
             if self.spec is not None:
                 self.spec.release(seq_id)
             seq = self.sequences.pop(seq_id, None)
             if seq is not None:
                 outputs.append(self._output(seq, [], "", []))
+        step = self._in_flight
+        if step is not None and all(r.is_finished for r in step.requests + [i.request for i in step.plan.scheduled]):
+            self._in_flight = None  # nothing left to read back (the device may still finish it: nothing reads it)
         return outputs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request waits or runs, or a step's tokens are still in flight (async scheduling)."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- the step --------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine step. If any part of it raises (runner, sampler, a grammar hook, the detokenizer), the
-        requests it held are ended and their blocks freed, and ``StepFailedError`` names them: one bad batch
-        must not take the requests that were not in it, or the engine, down with it."""
+        """One engine step; returns the outputs ready now. If any part of it raises (runner, sampler, a grammar
+        hook, the detokenizer), the requests it held are ended and their blocks freed, and ``StepFailedError``
+        names them: one bad batch must not take the requests that were not in it, or the engine, down with it.
+
+        With ``EngineConfig.async_scheduling`` a step overlaps the previous one (engine/overlap.py) while every
+        live sequence allows it: the call plans and launches the next step, then returns the previous step's
+        outputs. When a sequence that needs the synchronous step is live, the call first only finishes the step in
+        flight; the calls after it are synchronous until no such sequence is left."""
+        if self._can_overlap():
+            return self._overlapped_step()
+        if self._in_flight is not None:
+            return self._finish_in_flight()
+        return self._synchronous_step()
+
+    def _can_overlap(self) -> bool:
+        return (
+            self.engine_cfg.async_scheduling
+            and self.spec is None
+            and self.runner.supports_input_patch
+            and not self._synchronous
+        )
+
+    def _synchronous_step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -208,6 +240,77 @@ class Engine:
             for parent in parents:
                 self.abort_request(parent)
             raise StepFailedError(parents, exc) from exc
+
+    # ---- async scheduling (engine/overlap.py) -----------------------------------------------------------
+    def _overlapped_step(self) -> list[RequestOutput]:
+        """Plan and launch the next step behind the one in flight, then read and emit the one in flight."""
+        previous = self._in_flight
+        plan = self.scheduler.schedule()
+        self._in_flight = None if plan.is_empty else self._launch(plan, previous)
+        return [] if previous is None else self._resolve(previous)
+
+    def _launch(self, plan: SchedulerOutput, previous: InFlight | None) -> InFlight:
+        """Stage, run and sample ``plan`` without reading anything back, and book it in the scheduler."""
+        self.num_steps += 1
+        self.num_preemptions += len(plan.preempted)
+        seqs = [self.sequences.get(item.request.request_id) for item in plan.scheduled]
+        parents = list(dict.fromkeys(s.parent_id for s in seqs if s is not None))
+        try:
+            plan.input_patch = self._input_patch(plan, previous)
+            batch = self.runner.execute(plan)
+            tokens = self._sample_on_device(batch.request_ids, batch.logits)
+            self.scheduler.advance_in_flight(plan)
+        except Exception as exc:
+            # the step in flight is lost with it: its tokens would feed rows that no longer exist
+            failed = list(dict.fromkeys(parents + (previous.parents if previous is not None else [])))
+            self._in_flight = None
+            for parent in failed:
+                self.abort_request(parent)
+            raise StepFailedError(failed, exc) from exc
+        if previous is not None:
+            self.num_overlapped_steps += 1
+        requests = [self.sequences[rid].request for rid in batch.request_ids]
+        return InFlight.launch(plan, batch.request_ids, requests, tokens, parents)
+
+    def _input_patch(self, plan: SchedulerOutput, previous: InFlight | None) -> InputPatch | None:
+        """The decode rows whose input token is a placeholder: the step in flight is sampling it."""
+        items, rows = [], []
+        row_of = previous.row_of() if previous is not None else {}
+        for i, item in enumerate(plan.scheduled):
+            req = item.request
+            if req.num_pending_outputs and item.start >= req.num_tokens - req.num_pending_outputs:
+                if item.num_new_tokens != 1 or req.request_id not in row_of:
+                    raise RuntimeError(f"request {req.request_id!r} was scheduled over a token nobody is sampling")
+                items.append(i)
+                rows.append(row_of[req.request_id])
+        return InputPatch(items, previous.tokens, rows) if items else None
+
+    def _sample_on_device(self, request_ids: list[str], logits: torch.Tensor) -> torch.Tensor:
+        """The overlapped step's sampler: tokens stay on the device (no logprobs, no masks, no penalties here)."""
+        if not request_ids:
+            return torch.zeros(0, dtype=torch.long, device=logits.device)
+        return self.sampler.sample(logits, self._sampling_batch(request_ids))
+
+    def _resolve(self, step: InFlight) -> list[RequestOutput]:
+        """Read a launched step's tokens, apply them and emit; rows of requests ended meanwhile are dropped."""
+        try:
+            tokens = step.read()
+            seqs, live = self.sequences, {}
+            for rid, req, tok in zip(step.request_ids, step.requests, tokens, strict=True):
+                seq = seqs.get(rid)
+                if seq is not None and seq.request is req and not req.status.finished:
+                    live[rid] = tok
+            self.scheduler.resolve_in_flight(step.plan, live)
+            return self._emit(step.plan, {rid: (tok, None) for rid, tok in live.items()})
+        except Exception as exc:
+            for parent in step.parents:
+                self.abort_request(parent)
+            raise StepFailedError(step.parents, exc) from exc
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        """Resolve the step in flight without launching another (the next step must be synchronous)."""
+        step, self._in_flight = self._in_flight, None
+        return self._resolve(step)
 
     def _speculative_step(self, plan: SchedulerOutput, batch) -> list[RequestOutput]:
         """The step's second half with a draft model: verify drafts (plain sampling for the other rows), let the
@@ -239,9 +342,14 @@ class Engine:
     def _sample(self, request_ids: list[str], logits: torch.Tensor) -> dict[str, tuple[int, TokenLogprobs | None]]:
         if not request_ids:
             return {}
+        out = self.sampler(logits, self._sampling_batch(request_ids))
+        logprobs = out.logprobs or [None] * len(request_ids)
+        return {rid: (tok, lp) for rid, tok, lp in zip(request_ids, out.token_ids, logprobs, strict=True)}
+
+    def _sampling_batch(self, request_ids: list[str]) -> SamplingBatch:
         seqs = [self.sequences[rid] for rid in request_ids]
         masks = [None if s.token_mask is None else _bind_mask(s.token_mask, s.request) for s in seqs]
-        batch = SamplingBatch.from_lists(
+        return SamplingBatch.from_lists(
             [s.request.sampling_params for s in seqs],
             prompt_token_ids=[s.request.prompt_token_ids for s in seqs],
             output_token_ids=[s.request.output_token_ids for s in seqs],
@@ -251,9 +359,6 @@ class Engine:
             shared_generator=self.rng,
             keys=request_ids,
         )
-        out = self.sampler(logits, batch)
-        logprobs = out.logprobs or [None] * len(seqs)
-        return {rid: (tok, lp) for rid, tok, lp in zip(request_ids, out.token_ids, logprobs, strict=True)}
 
     def _emit(self, plan: SchedulerOutput, sampled: dict[str, tuple[int, TokenLogprobs | None]]) -> list[RequestOutput]:
         outputs = []
@@ -308,6 +413,7 @@ class Engine:
     def _forget(self, seq: _Sequence) -> None:
         del self.sequences[seq.request.request_id]
         self.sampler.release(seq.request.request_id)
+        self._synchronous.discard(seq.request.request_id)
         if self.spec is not None:
             self.spec.release(seq.request.request_id)
         siblings = self.children.get(seq.parent_id, [])

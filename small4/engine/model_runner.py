@@ -63,6 +63,17 @@ class StepBatch:
     item_starts: list[int] | None = None  # each item's first row, when not ``meta.query_start_loc`` (graph verify)
 
 
+@dataclass(frozen=True)
+class InputPatch:
+    """Decode rows whose input token is still on the device (async scheduling): item ``items[j]`` of the plan takes
+    ``source[source_rows[j]]``, the token the previous step sampled for it, written into the staged input ids on
+    the device, so the step launches without the host having read that token."""
+
+    items: list[int]
+    source: torch.Tensor  # int64 [S] on the runner's device: the previous step's sampled tokens
+    source_rows: list[int]
+
+
 def _encode_images(model: Mistral4Model, mm: MultiModalInputs, device: torch.device, dtype: torch.dtype) -> None:
     """Runs the vision tower over all of a request's images once; the embeddings stay with the request."""
     if mm.embeddings is None:
@@ -250,6 +261,21 @@ class ModelRunner:
             return
         self.capture_decode_graphs(-(-max_model_len // self.block_size), max_batch)
 
+    supports_input_patch = True  # the parallel driver says no: its ranks' inputs are not patched (not tested there)
+
+    def _patch_inputs(self, step, patch: InputPatch | None) -> None:
+        """Fill the staged input ids of ``patch``'s decode rows from the previous step's sampled tokens, on the
+        device (stream-ordered after the staging copy and the previous step's sampler)."""
+        if patch is None:
+            return
+        qsl = step.query_start_loc
+        pairs = [[qsl[i] for i in patch.items], patch.source_rows]
+        if self.device.type == "cuda":
+            index = torch.tensor(pairs, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
+        else:
+            index = torch.tensor(pairs, dtype=torch.long)
+        step.input_ids.index_copy_(0, index[0], patch.source.index_select(0, index[1]))
+
     def _graph_step(self, plan: SchedulerOutput) -> StepBatch | None:
         """A decode-only step through the graphs; None when the step does not fit them (it then runs eagerly)."""
         graphs, items = self.decode_graphs, plan.scheduled
@@ -266,6 +292,7 @@ class ModelRunner:
             if item.request.mm_inputs is not None and _has_image_slot(item):
                 return None
         step = self.inputs.stage(items, plan.preempted)
+        self._patch_inputs(step, plan.input_patch)
         hidden = graphs.run(step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.seq_lens)
         ids = [item.request.request_id for item in items if item.samples]
         batch = StepBatch(ids, self.model.compute_logits(self._sampled_hidden(hidden, step)))
@@ -321,11 +348,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepBatch:
+        """One forward over the plan; ``plan.input_patch`` (async scheduling) names decode rows whose input token the
+        previous step is still sampling on the device."""
         graphed = self._graph_step(plan)
         if graphed is not None:
             return graphed
         items = plan.scheduled
         step = self.inputs.stage(items, plan.preempted)
+        self._patch_inputs(step, plan.input_patch)
         meta = self._step_meta(step)
         images = self._image_rows(items, step.query_start_loc)
         ids = [item.request.request_id for item in items if item.samples]

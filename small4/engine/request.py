@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 
 from small4.engine.sampling_params import SamplingParams
 
+# the value an output token holds while it is still being sampled on the device (async scheduling): never a token id,
+# so a placeholder that reached the model's embedding would fail loudly instead of computing garbage
+PENDING_TOKEN = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -33,6 +37,9 @@ class Request:
     sampled token remains to be computed. Preemption by recompute resets ``num_computed_tokens`` (and the blocks)
     but keeps the output tokens, so the request continues exactly where it stopped.
     ``block_hash_extras`` carries per-token extra keys for prefix hashing (image content hashes), or None.
+    With async scheduling, the last ``num_pending_outputs`` output tokens are ``PENDING_TOKEN`` placeholders for
+    tokens sampled on the device but not yet read back: they count in ``num_tokens`` (the scheduler plans around
+    them) but not in ``num_output_tokens`` (what stops and usage see).
     """
 
     request_id: str
@@ -55,6 +62,7 @@ class Request:
     num_draft_tokens: int = 0
     num_accepted_draft_tokens: int = 0
     num_verify_steps: int = 0
+    num_pending_outputs: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -70,7 +78,7 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        return len(self.output_token_ids) - self.num_pending_outputs
 
     @property
     def is_finished(self) -> bool:

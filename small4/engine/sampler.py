@@ -163,10 +163,14 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(batch):
             raise ValueError(f"logits {tuple(logits.shape)} do not match a batch of {len(batch)} rows")
         raw = logits.float()  # [B, V]
-        processed = self.process_logits(raw, batch)
-        tokens = _choose_tokens(processed, batch)  # [B]
+        tokens = self.sample(raw, batch)  # [B]
         logprobs = compute_logprobs(raw, tokens, [p.logprobs for p in batch.params])
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs)
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The chosen tokens as a device tensor [B], with no host sync: what the engine's overlap loop launches
+        (the next step's decode rows read their input from it on the device; the host reads it back later)."""
+        return _choose_tokens(self.process_logits(logits.float(), batch), batch)
 
     def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Mask, bias, min_tokens and penalties, on a copy (the float32 logits themselves when no row has any);

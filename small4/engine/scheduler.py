@@ -5,6 +5,12 @@ never stalls them), then running prefills continue in chunks, then waiting reque
 order while blocks and budget last. When the cache runs out, the youngest running request is preempted by
 recompute: its blocks are freed and it goes back to the front of the queue, keeping its output tokens.
 The scheduler returns a plan; the runner executes it and reports sampled tokens back. Pure Python, no torch.
+
+With async scheduling (the engine's overlap loop) a step's sampled tokens are read back only after the next step
+was planned: ``advance_in_flight`` books a launched step at once (tokens computed, one ``PENDING_TOKEN`` placeholder
+per sampled row), so ``schedule`` plans the next decode of each request around its placeholder, and
+``resolve_in_flight`` later writes the real tokens and applies the stop rules exactly as ``update_from_output``
+would have. A request certain to finish by length once its placeholder is resolved is not scheduled again.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from small4.engine.kv_cache import BlockManager
-from small4.engine.request import Request, RequestStatus
+from small4.engine.request import PENDING_TOKEN, Request, RequestStatus
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,9 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # async scheduling: the engine's ``InputPatch`` for decode rows whose input token is still on the device
+    # (opaque here, read by the runner: set on the plan so ``execute(plan)`` keeps its one-argument seam)
+    input_patch: object | None = None
 
     @property
     def num_batched_tokens(self) -> int:
@@ -170,6 +179,8 @@ class Scheduler:
         decoding, prefilling = [], []
         for r in self.running:  # one pass: a step's host time grows with every running sequence
             left = len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens
+            if r.num_pending_outputs and self._ends_by_length(r):
+                continue  # its in-flight token is its last: another row would only be dropped
             if left == 1:
                 decoding.append(r)
             elif left > 1:
@@ -271,6 +282,65 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished]
         return finished
 
+    # ---- async scheduling: a step booked at launch, its tokens written when they are read back ------------------
+    def advance_in_flight(self, output: SchedulerOutput) -> None:
+        """Book a launched step whose tokens are still on the device: every chunk counts as computed, and each
+        sampling row gets a ``PENDING_TOKEN`` placeholder, so the next ``schedule()`` sees these requests as
+        decoding. Full blocks are published now only when every computed token is known (a prefill chunk);
+        a decode's block waits for ``resolve_in_flight``. Speculative chunks never come here (they fall back)."""
+        for item in output.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                request.output_token_ids.append(PENDING_TOKEN)
+                request.num_pending_outputs += 1
+            if request.num_computed_tokens <= request.num_tokens - request.num_pending_outputs:
+                self.block_manager.cache_full_blocks(request)
+
+    def resolve_in_flight(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """The tokens of a step booked by ``advance_in_flight``: each replaces its request's oldest placeholder,
+        and the stop rules run on exactly the state ``update_from_output`` would have seen (later placeholders and
+        the next step's computed token set aside). A request that finishes here was maybe already scheduled in
+        the step launched after this one: it is retired now (blocks freed, placeholders dropped), and that row's
+        token is dropped when it comes. Requests aborted or finished meanwhile are skipped. Returns the finished."""
+        finished: list[Request] = []
+        for item in output.scheduled:
+            request = item.request
+            if not item.samples or request.is_finished or not request.num_pending_outputs:
+                continue
+            token = sampled[request.request_id]
+            out = request.output_token_ids
+            out[len(out) - request.num_pending_outputs] = token
+            request.num_pending_outputs -= 1  # the later placeholders stay: stops count only resolved tokens
+            known = len(request.prompt_token_ids) + len(out) - request.num_pending_outputs
+            computed = request.num_computed_tokens
+            status, stop_reason = self._check_stop(request, token)
+            if status is not None:
+                # a sampling step leaves exactly the last token uncomputed: what update_from_output publishes
+                request.num_computed_tokens = min(computed, known - 1)
+                self.block_manager.cache_full_blocks(request)
+                self._finish_resolved(request, status, stop_reason)  # drops the later placeholders
+                finished.append(request)
+            elif computed <= known:
+                self.block_manager.cache_full_blocks(request)
+        if finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return finished
+
+    def _finish_resolved(self, request: Request, status: RequestStatus, stop_reason: int | None) -> None:
+        """A request found finished when its token came back; it may have been preempted (waiting) since."""
+        del self._requests[request.request_id]
+        if request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self._retire(request, status, stop_reason)
+
+    def _ends_by_length(self, request: Request) -> bool:
+        """Whether the request finishes by length once its pending tokens are resolved (whatever they are)."""
+        return (
+            len(request.output_token_ids) >= request.sampling_params.max_tokens
+            or request.num_tokens >= self.config.max_model_len
+        )
+
     def _update_verified(self, request: Request, item: ScheduledRequest, tokens) -> bool:
         """A speculative decode: ``tokens`` are the accepted drafts then the target's own token. Only the
         positions whose tokens were accepted count as computed (the rejected drafts' slots are overwritten later,
@@ -304,11 +374,15 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED, None
             if token in params.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED, token
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+        num_tokens = request.num_tokens - request.num_pending_outputs  # placeholders are not tokens yet
+        if request.num_output_tokens >= params.max_tokens or num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
 
     def _retire(self, request: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
+        if request.num_pending_outputs:  # finished while tokens were in flight: they are dropped
+            del request.output_token_ids[-request.num_pending_outputs :]
+            request.num_pending_outputs = 0
         self.block_manager.free(request)
         request.status = status
         request.stop_reason = stop_reason

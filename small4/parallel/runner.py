@@ -101,6 +101,8 @@ class DriverRunner(ModelRunner):
     """Rank 0's runner: the same forward, with the inputs sent to the other ranks first."""
 
     dist: Dist
+    # async scheduling's device-side input patch is not sent to the other ranks' steps: the engine runs synchronously
+    supports_input_patch = False
     on_failure: Callable[[str], None] | None = None  # the session's: a failed step ends the server
     vocab_parallel = False  # the embedding and lm_head are split: the draft's uses of them are collective
 

@@ -40,6 +40,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "float32", "fp8"], default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument(
+        "--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+        help="plan and launch the next step while the device runs this one (default: the engine's)",
+    )  # fmt: skip
+    p.add_argument(
         "--max-queue", type=int, default=256, help="sequences admitted beyond --max-num-seqs before answering 503"
     )
     p.add_argument("--max-seqs-per-request", type=int, default=64, help="prompts x n of one request")
@@ -162,6 +166,7 @@ def build_from_args(args: argparse.Namespace):
         kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
         seed=args.seed,
+        **({} if args.async_scheduling is None else {"async_scheduling": args.async_scheduling}),
         attention_scale_mscale=args.attention_scale_mscale,
         speculative_model=speculative_model(args),
         num_speculative_tokens=args.num_speculative_tokens,

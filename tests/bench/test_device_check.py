@@ -31,7 +31,13 @@ def test_dry_run_stages_write_results(tmp_path):
     assert graphs["summary"] == {"ok": 3, "FAIL": 0, "ERROR": 0}  # capture + replay vs eager at batch 1 and 3
     assert summary["graphs_summary"] == graphs["summary"]
     host = json.loads((tmp_path / "host_overhead.json").read_text())
-    assert [r["batch_size"] for r in host["results"]] == [1, 4]
+    # the synchronous loop and async scheduling side by side at each batch size
+    assert [(r["batch_size"], r["scheduling"]) for r in host["results"]] == [
+        (1, "sync"),
+        (1, "overlap"),
+        (4, "sync"),
+        (4, "overlap"),
+    ]
 
 
 def test_stages_past_the_deadline_are_skipped(tmp_path):

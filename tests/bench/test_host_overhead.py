@@ -16,11 +16,8 @@ def test_host_overhead_json(tmp_path):
     record = json.loads(out.read_text())
     assert record["benchmark"] == "host-overhead" and record["config"]["label"] == "t"
     rows = record["results"]
-    assert [(r["batch_size"], r["mode"]) for r in rows] == [
-        (1, "greedy"),
-        (3, "greedy"),
-        (1, "penalties"),
-        (3, "penalties"),
+    assert [(r["batch_size"], r["mode"], r["scheduling"]) for r in rows] == [
+        (b, m, s) for m in ("greedy", "penalties") for b in (1, 3) for s in ("sync", "overlap")
     ]
     for r in rows:
         ms = r["ms_median"]
@@ -29,6 +26,11 @@ def test_host_overhead_json(tmp_path):
         assert len(r["step_ms_all"]) == 2
         assert ms["step"] >= ms["execute"] >= ms["graph_run"] > 0
         assert set(r["cpu_ms_median"]) == set(ms) and r["cpu_ms_median"]["step"] > 0
+        # the modelled device (auto: 1.4 ms at batch 1): its idle share and the critical path are reported
+        assert r["device_ms"] > 1.3 and 0 <= r["device_idle_fraction"] < 1 and r["critical_ms_median"] >= 0
+    # greedy overlaps (every step after the first launched behind one in flight); penalties fall back
+    assert all(r["overlapped_steps"] > 0 for r in rows if r["scheduling"] == "overlap" and r["mode"] == "greedy")
+    assert all(r["overlapped_steps"] == 0 for r in rows if r["mode"] == "penalties")
 
 
 def test_host_overhead_rejects_unknown_mode(tmp_path, capsys):

@@ -1,13 +1,15 @@
 """The asyncio front on the real tiny model: concurrent streams equal the offline engine token for token, aborts
 (explicit, by closing, by cancelling, by dropping the stream) free every block, rejections raise at ``add``, a
 failing step fails only its own requests (RequestFailedError) unless steps keep failing (EngineDeadError), and
-shutdown lets in-flight requests finish."""
+shutdown lets in-flight requests finish. Every test runs over the synchronous loop and over async scheduling
+(engine/overlap.py), whose offline runs are the synchronous ones."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -34,9 +36,9 @@ def model_dir(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny"), layout="hf", seed=7)
 
 
-@pytest.fixture
-def engine(model_dir) -> Engine:
-    return Engine.from_model_dir(model_dir, CFG)
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def engine(model_dir, request) -> Engine:
+    return Engine.from_model_dir(model_dir, replace(CFG, async_scheduling=request.param))
 
 
 def _prompt(i: int, length: int) -> list[int]:

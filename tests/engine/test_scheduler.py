@@ -518,3 +518,58 @@ def test_admission_looks_the_prefix_up_once_and_writes_the_request_state():
     assert second.num_computed_tokens == 12 and second.num_cached_prompt_tokens == 12
     assert [(s.request.request_id, s.start, s.num_new_tokens) for s in plan.scheduled] == [("a", 13, 1), ("b", 12, 2)]
     sched.block_manager.check_invariants([first, second])
+
+
+# ---- async scheduling: steps booked at launch, tokens written when they come back ---------------------------
+def test_a_booked_step_plans_the_next_decode_around_its_placeholder():
+    sched = make_scheduler()
+    req = make_request("a", [1, 2, 3, 4, 5], max_tokens=3, eos=99)
+    sched.add_request(req)
+    first = sched.schedule()
+    sched.advance_in_flight(first)
+    assert req.output_token_ids == [-1] and req.num_pending_outputs == 1 and req.num_output_tokens == 0
+    second = sched.schedule()  # planned before the first step's token is known
+    assert [(s.request, s.start, s.num_new_tokens) for s in second.scheduled] == [(req, 5, 1)]
+    sched.advance_in_flight(second)
+    assert sched.resolve_in_flight(first, {"a": 7}) == []
+    assert req.output_token_ids == [7, -1] and req.num_computed_tokens == 6
+    sched.resolve_in_flight(second, {"a": 8})
+    assert req.output_token_ids == [7, 8] and req.num_pending_outputs == 0
+
+
+def test_a_request_found_finished_drops_its_extra_row_and_frees_its_blocks_once():
+    sched = make_scheduler(num_blocks=8)
+    req = make_request("a", [1, 2, 3], max_tokens=10, eos=99)
+    sched.add_request(req)
+    first = sched.schedule()
+    sched.advance_in_flight(first)
+    second = sched.schedule()
+    sched.advance_in_flight(second)  # a row of a request that will turn out finished
+    assert sched.resolve_in_flight(first, {"a": 99}) == [req]  # EOS
+    assert req.status is RequestStatus.FINISHED_STOPPED and req.output_token_ids == [99]
+    assert sched.resolve_in_flight(second, {"a": 5}) == []  # dropped
+    assert req.output_token_ids == [99] and not sched.has_unfinished()
+    assert sched.block_manager.num_free_blocks == 8
+    sched.block_manager.check_invariants([])
+
+
+def test_a_request_ending_by_length_is_not_scheduled_past_its_last_token():
+    sched = make_scheduler()
+    req = make_request("a", [1, 2, 3], max_tokens=1)
+    sched.add_request(req)
+    first = sched.schedule()
+    sched.advance_in_flight(first)
+    assert sched.schedule().is_empty  # its pending token is its last, whatever it is
+    assert sched.resolve_in_flight(first, {"a": 4}) == [req] and req.status is RequestStatus.FINISHED_LENGTH
+
+
+def test_aborting_a_request_with_tokens_in_flight_drops_its_placeholders():
+    sched = make_scheduler(num_blocks=8)
+    req = make_request("a", [1, 2, 3], max_tokens=10)
+    sched.add_request(req)
+    first = sched.schedule()
+    sched.advance_in_flight(first)
+    sched.abort_request("a")
+    assert req.output_token_ids == [] and req.num_pending_outputs == 0
+    assert sched.resolve_in_flight(first, {"a": 4}) == []
+    assert sched.block_manager.num_free_blocks == 8

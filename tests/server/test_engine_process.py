@@ -121,7 +121,8 @@ def test_malformed_messages_are_rejected(data, why):
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir):
     inline = start_server(tiny_model_dir)
-    separate = start_server(tiny_model_dir, "--engine-process", "separate")
+    # the core overlaps its steps (async scheduling): it must answer exactly as the inline synchronous engine
+    separate = start_server(tiny_model_dir, "--engine-process", "separate", "--async-scheduling")
     yield inline, separate
     separate.stop()
     inline.stop()

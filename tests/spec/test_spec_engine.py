@@ -138,3 +138,11 @@ def test_per_request_switch_rows_with_and_without_speculation_share_a_step(model
                 assert len(o.new_token_ids) <= 1
     assert [out[f"r{i}"] for i in range(len(ps))] == plain
     assert engine.spec.stats.num_verifies > 0
+
+
+def test_async_scheduling_falls_back_to_the_synchronous_step_with_a_draft(model_dir, target, draft, plain):
+    """Drafts are proposed from the verified tokens on the host, so an engine with a draft never overlaps its steps
+    (engine/overlap.py); the outputs stay plain greedy's."""
+    llm = make_llm(model_dir, target, draft, async_scheduling=True)
+    assert generate(llm, prompts()) == plain
+    assert llm.engine.num_overlapped_steps == 0 and llm.engine.spec.stats.num_verifies > 0
