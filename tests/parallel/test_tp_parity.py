@@ -86,7 +86,9 @@ def test_parallel_matches_one_process(session, checkpoints, layout, fp8, keep):
     for name, split in SPLITS.items():
         runner = session.load(model_dir, ENGINE, split, keep_fp8=keep)
         got_logits = prefill_logits(runner, tokenizer)
-        torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            got_logits, want_logits, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
         assert greedy(runner, tokenizer) == want_tokens, name
         if split.all_to_all_min_tokens == 1:  # one token: rank 0 owns none of it, sends and receives nothing
             one = prefill_logits(runner, tokenizer, [""])
