@@ -120,14 +120,7 @@ class DriverRunner(ModelRunner):
         sample_rows: torch.Tensor,
         images: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if images is not None:
-            images = (images[0], images[1].to(self.dtype))
-        try:
-            send_step(self.dist, StepInputs(ids, positions, meta, sample_rows, images))
-            return super().forward_step(ids, positions, meta, sample_rows, images)
-        except Exception as e:
-            self._out_of_step("step", e)
-            raise
+        return self._broadcast_step(super().forward_step, ids, positions, meta, sample_rows, images)
 
     def forward_with_hidden(
         self,
@@ -140,11 +133,15 @@ class DriverRunner(ModelRunner):
         """The same broadcast "step" as ``forward_step``: the other ranks run their ``forward_step`` (same
         collectives: embedding, every layer, the sampled rows' lm_head); only rank 0 keeps the hidden states, for
         the draft it alone runs. Speculative verify steps come here (eagerly, or through the graphs below)."""
+        return self._broadcast_step(super().forward_with_hidden, ids, positions, meta, sample_rows, images)
+
+    def _broadcast_step(self, run: Callable, ids, positions, meta, sample_rows, images):
+        """Send one "step" (the other ranks run their ``forward_step``), then ``run`` the same inputs here."""
         if images is not None:
             images = (images[0], images[1].to(self.dtype))
         try:
             send_step(self.dist, StepInputs(ids, positions, meta, sample_rows, images))
-            return super().forward_with_hidden(ids, positions, meta, sample_rows, images)
+            return run(ids, positions, meta, sample_rows, images)
         except Exception as e:
             self._out_of_step("step", e)
             raise
