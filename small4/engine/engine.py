@@ -224,11 +224,7 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        self.num_steps += 1
-        self.num_preemptions += len(plan.preempted)
-        # parents taken before running: a sequence that finishes inside the failing step is still named
-        seqs = [self.sequences.get(item.request.request_id) for item in plan.scheduled]
-        parents = list(dict.fromkeys(s.parent_id for s in seqs if s is not None))
+        parents = self._begin_step(plan)
         try:
             batch = self.runner.execute(plan)
             if self.spec is None:
@@ -241,6 +237,14 @@ class Engine:
                 self.abort_request(parent)
             raise StepFailedError(parents, exc) from exc
 
+    def _begin_step(self, plan: SchedulerOutput) -> list[str]:
+        """Count a step about to run; its requests' parent ids, taken before running, so that a sequence that
+        finishes inside a failing step is still named by ``StepFailedError``."""
+        self.num_steps += 1
+        self.num_preemptions += len(plan.preempted)
+        seqs = [self.sequences.get(item.request.request_id) for item in plan.scheduled]
+        return list(dict.fromkeys(s.parent_id for s in seqs if s is not None))
+
     # ---- async scheduling (engine/overlap.py) -----------------------------------------------------------
     def _overlapped_step(self) -> list[RequestOutput]:
         """Plan and launch the next step behind the one in flight, then read and emit the one in flight."""
@@ -251,10 +255,7 @@ class Engine:
 
     def _launch(self, plan: SchedulerOutput, previous: InFlight | None) -> InFlight:
         """Stage, run and sample ``plan`` without reading anything back, and book it in the scheduler."""
-        self.num_steps += 1
-        self.num_preemptions += len(plan.preempted)
-        seqs = [self.sequences.get(item.request.request_id) for item in plan.scheduled]
-        parents = list(dict.fromkeys(s.parent_id for s in seqs if s is not None))
+        parents = self._begin_step(plan)
         try:
             plan.input_patch = self._input_patch(plan, previous)
             batch = self.runner.execute(plan)

@@ -15,7 +15,7 @@ from small4.engine.cuda_graphs import DecodeGraphs, _padded_table
 from small4.engine.multimodal import MultiModalInputs
 from small4.engine.request import Request
 from small4.engine.scheduler import ScheduledRequest, SchedulerOutput
-from small4.engine.step_inputs import StepInputs, token_slice
+from small4.engine.step_inputs import StepInputs, token_slice, upload
 from small4.kernels.backend import kernel_backend
 from small4.kernels.registry import apply_backend
 from small4.model.context import AttentionMetadata
@@ -269,11 +269,7 @@ class ModelRunner:
         if patch is None:
             return
         qsl = step.query_start_loc
-        pairs = [[qsl[i] for i in patch.items], patch.source_rows]
-        if self.device.type == "cuda":
-            index = torch.tensor(pairs, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
-        else:
-            index = torch.tensor(pairs, dtype=torch.long)
+        index = upload([[qsl[i] for i in patch.items], patch.source_rows], torch.long, self.device)
         step.input_ids.index_copy_(0, index[0], patch.source.index_select(0, index[1]))
 
     def _graph_step(self, plan: SchedulerOutput) -> StepBatch | None:

@@ -63,7 +63,6 @@ class InFlight:
     host: torch.Tensor  # int64 [S]: pinned on CUDA, filled by a non-blocking copy
     ready: torch.cuda.Event | None  # recorded after that copy (None on the CPU: already there)
     parents: list[str]  # the parent request ids of every scheduled row, for StepFailedError
-    launched_at: float = 0.0  # time.perf_counter() at launch (the host-overhead bench's device model reads it)
 
     @classmethod
     def launch(

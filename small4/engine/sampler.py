@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from small4.engine.sampling_params import SamplingParams
+from small4.engine.step_inputs import upload
 
 TokenMaskFn = Callable[[], torch.Tensor | None]
 """Grammar hook: returns a bool tensor ``[<= V]`` of allowed tokens for the next step, or None (no limit)."""
@@ -201,21 +202,12 @@ def _needs_processing(batch: SamplingBatch) -> bool:
     return False
 
 
-def _upload(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small per-row tensor on ``device`` without a blocking copy: a copy from pageable memory waits for the
-    device to finish the forward first, so the host could not prepare anything meanwhile. Pinned + non_blocking
-    queues the copy behind the forward instead (the caching host allocator keeps the buffer until it is done)."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
 def _rows_tensor(rows: Sequence[int], device: torch.device) -> torch.Tensor:
-    return _upload(rows, torch.long, device)
+    return upload(rows, torch.long, device)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return _upload(values, torch.float32, device)[:, None]  # [R, 1]
+    return upload(values, torch.float32, device)[:, None]  # [R, 1]
 
 
 def apply_token_masks(logits: torch.Tensor, masks: Sequence[TokenMaskFn | None]) -> bool:
@@ -254,7 +246,7 @@ def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams], voc
             vals.append(bias)
     if rows:
         device = logits.device
-        values = _upload(vals, logits.dtype, device)
+        values = upload(vals, logits.dtype, device)
         logits.index_put_((_rows_tensor(rows, device), _rows_tensor(cols, device)), values, accumulate=True)
 
 
@@ -469,7 +461,7 @@ def _choose_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         [p.min_p for p in params],
         [float(p.greedy) for p in params],
     ]
-    table = _upload(rows, torch.float32, device)
+    table = upload(rows, torch.float32, device)
     x = logits / table[0][:, None]  # [B, V]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
         x = apply_top_k_top_p(x, table[1].long(), table[2])

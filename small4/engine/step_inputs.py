@@ -202,3 +202,12 @@ def _verify_rows(items: Sequence, qsl: np.ndarray) -> np.ndarray:
         if it.samples
     ]
     return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+
+
+def upload(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-row tensor on ``device`` without a blocking copy: a copy from pageable memory waits for the
+    device to finish the forward first, so the host could not prepare anything meanwhile. Pinned + non_blocking
+    queues the copy behind the forward instead (the caching host allocator keeps the buffer until it is done)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
