@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -106,11 +107,17 @@ class DriverRunner(ModelRunner):
     on_failure: Callable[[str], None] | None = None  # the session's: a failed step ends the server
     vocab_parallel = False  # the embedding and lm_head are split: the draft's uses of them are collective
 
-    def _out_of_step(self, what: str, e: Exception) -> None:
-        """A step that failed half-way (a collective timed out: a rank hangs; out of memory) leaves the ranks out
-        of step, and no later collective can be trusted: the session's handler ends the server."""
-        if self.on_failure is not None:
-            self.on_failure(f"{what} failed on rank 0, the ranks are out of step ({str(e).splitlines()[0]})")
+    @contextmanager
+    def _in_step(self, what: str) -> Iterator[None]:
+        """Around anything the other ranks take part in. A step that failed half-way (a collective timed out: a
+        rank hangs; out of memory) leaves the ranks out of step, and no later collective can be trusted: the
+        session's handler ends the server (the error still propagates)."""
+        try:
+            yield
+        except Exception as e:
+            if self.on_failure is not None:
+                self.on_failure(f"{what} failed on rank 0, the ranks are out of step ({str(e).splitlines()[0]})")
+            raise
 
     def forward_step(
         self,
@@ -139,12 +146,9 @@ class DriverRunner(ModelRunner):
         """Send one "step" (the other ranks run their ``forward_step``), then ``run`` the same inputs here."""
         if images is not None:
             images = (images[0], images[1].to(self.dtype))
-        try:
+        with self._in_step("step"):
             send_step(self.dist, StepInputs(ids, positions, meta, sample_rows, images))
             return run(ids, positions, meta, sample_rows, images)
-        except Exception as e:
-            self._out_of_step("step", e)
-            raise
 
     def draft_forward(
         self,
@@ -155,23 +159,17 @@ class DriverRunner(ModelRunner):
         images: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The draft on rank 0; with the vocabulary split, the other ranks embed ``next_ids`` with it first."""
-        try:
+        with self._in_step("draft step"):
             if self.vocab_parallel:
                 send_draft_embed(self.dist, next_ids)
             return super().draft_forward(next_ids, hidden, positions, meta, images)
-        except Exception as e:
-            self._out_of_step("draft step", e)
-            raise
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The draft's proposals' logits; with the vocabulary split, every rank scores the rows rank 0 sent."""
-        try:
+        with self._in_step("draft step"):
             if self.vocab_parallel:
                 hidden = send_draft_logits(self.dist, hidden, self.dtype)
             return super().draft_logits(hidden)
-        except Exception as e:
-            self._out_of_step("draft step", e)
-            raise
 
     def prepare_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool = True) -> None:
         """Every rank builds the same decode graphs (graphs.py): told first, then all capture the same ladder in the
@@ -191,11 +189,8 @@ class DriverRunner(ModelRunner):
         verify = self.draft is not None and any(item.draft_token_ids for item in plan.scheduled)
         sampled = [i for i, item in enumerate(plan.scheduled) if item.samples]
         self.decode_graphs.sample_rows = None if verify else sampled
-        try:
+        with self._in_step("graph step"):
             return super()._graph_step(plan)
-        except Exception as e:
-            self._out_of_step("graph step", e)
-            raise
 
 
 def build_rank(
