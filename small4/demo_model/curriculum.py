@@ -127,6 +127,7 @@ class EncodedExample:
     mask: list[int]
     prompt_len: int
     images: list[Any]  # mistral-common image arrays [C, H, W], in [IMG]-slot order
+    labels: list[int] | None = None  # explicit per-position targets (-100: none); the copy drills' (copy_drill.py)
 
     @property
     def prompt(self) -> list[int]:

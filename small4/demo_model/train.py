@@ -37,6 +37,13 @@ sub 0.00, tool calls with the right arguments 0.00, json values 0.10). Fine-tuni
 pattern (add 0.20 / 0.00 with reasoning, tool arguments 0.00). What the next attempt needs is copying: the small
 size's speed (~4x the steps) and far more steps than either run had.
 
+Session 6 added copy drills (``copy_drill.py``, ``--copy-drill-steps/--copy-drill-tokens/--copy-drill-share``)
+and ran two 72-minute small v2 runs side by side, one core each (``trials/v3-*``, ~14k steps). With 2500 drill
+steps the induction circuit formed (drill repeat loss 7.6 -> 0.02) and the in-distribution losses fell below the
+large run's (tool_call 0.32, echo 0.33), but held-out copying still did not transfer: add/sub 0.00-0.03, tool
+calls with the right arguments 0.00, tool answer 0.10, json values 0.23; greeting 1.00, chat_high 0.88. With
+4000 drill steps the circuit never formed and the held-out rates are alike. Not shipped.
+
 A 20-minute trial of v2 on ``small`` (``--size small --minutes 20``, one thread, ``nice -n 10`` on the busy
 session machine) is what the README's comparison of the two curricula quotes.
 """
@@ -63,8 +70,8 @@ from tqdm import tqdm
 
 from small4.chat.parse import OutputParser
 from small4.chat.render import ChatRenderer
+from small4.demo_model import copy_drill, curriculum_v2
 from small4.demo_model import curriculum as curriculum_v1
-from small4.demo_model import curriculum_v2
 from small4.demo_model.curriculum import EncodedExample, Example, encode_example, eval_examples
 from small4.model.context import AttentionMetadata
 from small4.model.mistral4 import Mistral4Model
@@ -276,6 +283,15 @@ def batch_examples(renderer: ChatRenderer, rng: random.Random, token_budget: int
         total += len(enc.tokens)
 
 
+def _mixed_batch(renderer, rng, token_budget: int, module, vocab_size: int, drill_share: float) -> list:
+    """The curriculum's examples with ``drill_share`` of the budget left to copy drills (half of them long)."""
+    drill_tokens = int(token_budget * drill_share)
+    batch = batch_examples(renderer, rng, token_budget - drill_tokens, curriculum=module)
+    if drill_tokens:
+        batch += copy_drill.drill_batch(rng, vocab_size, drill_tokens, long_share=0.5)
+    return batch
+
+
 def batch_loss(model: Mistral4Model, batch: list[EncodedExample]) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token loss over the masked (assistant) tokens of a packed batch; per-task means for logging."""
     ids, positions, labels, lens, img_slots, pixels, owner = [], [], [], [], [], [], []
@@ -285,7 +301,10 @@ def batch_loss(model: Mistral4Model, batch: list[EncodedExample]) -> tuple[torch
         n = len(enc.tokens)
         ids.extend(enc.tokens)
         positions.extend(range(n))
-        labels.extend([enc.tokens[i + 1] if enc.mask[i + 1] else -100 for i in range(n - 1)] + [-100])
+        if enc.labels is not None:
+            labels.extend(enc.labels)
+        else:
+            labels.extend([enc.tokens[i + 1] if enc.mask[i + 1] else -100 for i in range(n - 1)] + [-100])
         owner.extend([k] * n)
         lens.append(n)
         if enc.images:
@@ -322,12 +341,18 @@ def train(
     curriculum: str = "v1",
     minutes: float | None = None,
     heldout_per_skill: int = 40,
+    copy_drill_steps: int = 0,
+    copy_drill_share: float = 0.0,
+    copy_drill_tokens: int = 1024,
 ) -> dict[str, Any]:
     """Trains, saves the checkpoint to ``out``, evaluates it, writes ``training_log.json`` and ``loss.png``.
 
     ``minutes`` stops at that wall time (or at ``steps``, whichever comes first) and runs the schedule on
     elapsed time. The v1 curriculum is evaluated in distribution (``accuracy``); v2 by the held-out generator
-    through the real server (``heldout_v2``, ``heldout_per_skill`` cases per skill)."""
+    through the real server (``heldout_v2``, ``heldout_per_skill`` cases per skill). The first
+    ``copy_drill_steps`` steps train on ``copy_drill`` sequences only; after them ``copy_drill_share`` of each
+    batch's token budget stays with the drills (so the copying circuit keeps being trained). Drill-only steps
+    pack ``copy_drill_tokens`` tokens: small batches reach the induction circuit on fewer tokens."""
     spec = spec or demo_spec()
     module = CURRICULA[curriculum]
     out = Path(out)
@@ -370,6 +395,7 @@ def train(
         t = min(1.0, max(0.0, done))
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
+    vocab_size = model.embed_tokens.weight.shape[0]
     history: list[float] = []
     seen: set[str] = set()
     task_history: dict[str, list[float]] = defaultdict(list)
@@ -380,7 +406,10 @@ def train(
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, done)
-        batch = batch_examples(renderer, rng, token_budget, curriculum=module)
+        if step < copy_drill_steps:
+            batch = copy_drill.drill_batch(rng, vocab_size, copy_drill_tokens)
+        else:
+            batch = _mixed_batch(renderer, rng, token_budget, module, vocab_size, copy_drill_share)
         seen.update(question_key(enc.example) for enc in batch)
         loss, per_task = batch_loss(model, batch)
         opt.zero_grad(set_to_none=True)
@@ -391,6 +420,9 @@ def train(
         for t, v in per_task.items():
             task_history[t].append(v)
         bar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.3f}")
+        if progress and (step + 1) % 500 == 0:
+            recent = {t: round(sum(v[-100:]) / len(v[-100:]), 3) for t, v in sorted(task_history.items())}
+            print(json.dumps({"step": step + 1, "s": round(time.monotonic() - start), "loss_per_task": recent}))
     train_s = time.monotonic() - start
     steps = len(history)
 
@@ -425,6 +457,9 @@ def train(
         "curriculum": curriculum,
         "minutes_budget": minutes,
         "token_budget_per_step": token_budget,
+        "copy_drill_steps": copy_drill_steps,
+        "copy_drill_share": copy_drill_share,
+        "copy_drill_tokens": copy_drill_tokens,
         "lr": lr,
         "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), warmup + cosine, grad clip 1.0",
         "torch_threads": torch.get_num_threads(),
@@ -619,6 +654,9 @@ def main(args: argparse.Namespace) -> int:
         threads=args.threads,
         lr=args.lr,
         init_from=Path(args.init_from) if args.init_from else None,
+        copy_drill_steps=args.copy_drill_steps,
+        copy_drill_share=args.copy_drill_share,
+        copy_drill_tokens=args.copy_drill_tokens,
     )
     total = check_sizes(out)
     print(f"wrote the demo model to {out} ({total / 1e6:.2f} MB) in {log['train_wall_s']:.0f} s of training")
@@ -655,6 +693,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="large", help="small: the shipped model's shapes")
     p.add_argument("--minutes", type=float, default=None, help="stop training after this wall time")
     p.add_argument("--heldout-per-skill", type=int, default=40, help="held-out cases per skill (v2 curriculum)")
+    p.add_argument("--copy-drill-steps", type=int, default=0, help="first steps on copy drills only (copy_drill.py)")
+    p.add_argument("--copy-drill-share", type=float, default=0.0, help="share of later batches kept for copy drills")
+    p.add_argument("--copy-drill-tokens", type=int, default=1024, help="tokens per drill-only step")
     p.add_argument("--draft-out", help="then train the new model's EAGLE draft head into this directory")
     p.add_argument("--draft-minutes", type=float, default=25.0, help="the draft's training budget (with --draft-out)")
     p.set_defaults(func=main)
