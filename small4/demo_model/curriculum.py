@@ -27,6 +27,7 @@ import base64
 import io
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +137,18 @@ class EncodedExample:
     @property
     def target(self) -> list[int]:
         return self.tokens[self.prompt_len :]
+
+
+def pack_until(draw: Callable[[], EncodedExample], token_budget: int) -> list[EncodedExample]:
+    """Examples from ``draw`` until the next would take the packed batch past ``token_budget`` (at least one)."""
+    batch: list[EncodedExample] = []
+    total = 0
+    while True:
+        enc = draw()
+        if batch and total + len(enc.tokens) > token_budget:
+            return batch
+        batch.append(enc)
+        total += len(enc.tokens)
 
 
 def encode_example(renderer: ChatRenderer, example: Example) -> EncodedExample:

@@ -72,7 +72,7 @@ from small4.chat.parse import OutputParser
 from small4.chat.render import ChatRenderer
 from small4.demo_model import copy_drill, curriculum_v2
 from small4.demo_model import curriculum as curriculum_v1
-from small4.demo_model.curriculum import EncodedExample, Example, encode_example, eval_examples
+from small4.demo_model.curriculum import EncodedExample, Example, encode_example, eval_examples, pack_until
 from small4.model.context import AttentionMetadata
 from small4.model.mistral4 import Mistral4Model
 from small4.weights.loader import load_model
@@ -273,14 +273,9 @@ def batch_examples(renderer: ChatRenderer, rng: random.Random, token_budget: int
     module = curriculum or curriculum_v1
     tasks = tasks or module.TASKS
     weights = [module.TASK_WEIGHTS[t] for t in tasks]
-    batch: list[EncodedExample] = []
-    total = 0
-    while True:
-        enc = encode_example(renderer, module.make_example(rng.choices(tasks, weights)[0], rng))
-        if batch and total + len(enc.tokens) > token_budget:
-            return batch
-        batch.append(enc)
-        total += len(enc.tokens)
+    return pack_until(
+        lambda: encode_example(renderer, module.make_example(rng.choices(tasks, weights)[0], rng)), token_budget
+    )
 
 
 def _mixed_batch(renderer, rng, token_budget: int, module, vocab_size: int, drill_share: float) -> list:
