@@ -58,6 +58,7 @@ import random
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,17 @@ def large_spec() -> TinySpec:
         vision_heads=2,
         vision_intermediate=128,
     )
+
+
+def copy_spec() -> TinySpec:
+    """``demo_spec``'s shapes with what copying needs (issue 17): the spaceless tokenizer and a wider rope band.
+
+    With the real tokenizer a word copied from prose into JSON changes its first piece (" Perth" -> "Perth"),
+    and YaRN over an original window of 32 positions blends every rotary frequency towards zero; here pieces
+    never carry a space and the window is 256 (factor 16, the same 4096 positions), so the highest frequencies
+    stay whole and the previous-token and induction heads that copying rests on can see exact offsets.
+    """
+    return replace(demo_spec(), spaceless_tokenizer=True, yarn_original_max=256, yarn_factor=16.0)
 
 
 def micro_spec() -> TinySpec:
@@ -221,7 +233,7 @@ def export_hf_state_dict(model: Mistral4Model, spec: TinySpec, dtype: torch.dtyp
     return out
 
 
-SIZES = {"small": demo_spec, "large": large_spec, "micro": micro_spec}
+SIZES = {"small": demo_spec, "copy": copy_spec, "large": large_spec, "micro": micro_spec}
 
 
 def save_checkpoint(model: Mistral4Model, spec: TinySpec, out: Path) -> None:
@@ -230,7 +242,7 @@ def save_checkpoint(model: Mistral4Model, spec: TinySpec, out: Path) -> None:
     for old in out.glob("model-*.safetensors"):
         old.unlink()
     write_sized_shards(export_hf_state_dict(model, spec), out)
-    write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks)
+    write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks, spec.spaceless_tokenizer)
 
 
 def write_sized_shards(sd: dict[str, torch.Tensor], out: Path, shard_bytes: int = SHARD_BYTES) -> list[str]:
@@ -356,7 +368,7 @@ def train(
     rng = random.Random(seed)
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks)
+    write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks, spec.spaceless_tokenizer)
     renderer = load_renderer(out)
     previous = None
     if init_from is None:

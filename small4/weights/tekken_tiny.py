@@ -10,7 +10,8 @@ Layout of the written json (top-level keys, in this order)::
 
     config                  pattern, num_vocab_tokens, default_vocab_size,
                             default_num_special_tokens (1000), version ("v15")
-    vocab                   the first ``num_bpe_ranks`` {rank, token_bytes, token_str} entries
+    vocab                   the first ``num_bpe_ranks`` {rank, token_bytes, token_str} entries (or, with
+                            ``spaceless``, the first of those without a space, renumbered)
     special_tokens          1000 {rank, token_str, is_control} entries, ids 0..999
     image                   image_patch_size 14, max_image_size 1540, spatial_merge_size 2
     model_settings_builder  reasoning_effort: enum of "none" | "high", default "none"
@@ -18,6 +19,7 @@ Layout of the written json (top-level keys, in this order)::
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 from functools import lru_cache
@@ -98,8 +100,35 @@ def _truncated_vocab(num_bpe_ranks: int) -> list[dict[str, Any]]:
     return [dict(entry) for entry in vocab[:num_bpe_ranks]]
 
 
-def tiny_tekken_dict(num_bpe_ranks: int = 2000) -> dict[str, Any]:
-    """The json document for a tiny v15 tokenizer (see the module docstring for the layout)."""
+def _is_spaceless_piece(entry: dict[str, Any]) -> bool:
+    raw = base64.b64decode(entry["token_bytes"])
+    return len(raw) == 1 or (b" " not in raw and raw.isascii())
+
+
+def _spaceless_vocab(num_bpe_ranks: int) -> list[dict[str, Any]]:
+    """The first ``num_bpe_ranks`` source ranks that are single bytes or ASCII pieces without a space, renumbered.
+
+    A word then never carries its leading space (" Perth" is " " + "Perth"'s pieces), so a value copied from
+    prose into JSON (``"Perth"``) or back is the same tokens, and a tiny model can copy it with a plain
+    induction head instead of learning a space-stripping map for every piece (the demo model, issue 17).
+    The relative order of the kept ranks is the source's and every kept piece is a merge of kept pieces (a
+    piece without a space is never built from one with a space), so it stays a valid byte-level BPE.
+    """
+    kept = [dict(e) for e in _source_tekken()["vocab"] if _is_spaceless_piece(e)][:num_bpe_ranks]
+    if len(kept) < num_bpe_ranks:
+        raise ValueError(f"only {len(kept)} spaceless pieces, got num_bpe_ranks={num_bpe_ranks}")
+    for rank, entry in enumerate(kept):
+        entry["rank"] = rank
+    return kept
+
+
+def tiny_tekken_dict(num_bpe_ranks: int = 2000, spaceless: bool = False) -> dict[str, Any]:
+    """The json document for a tiny v15 tokenizer (see the module docstring for the layout).
+
+    ``spaceless`` keeps only pieces without a space (``_spaceless_vocab``); the default is a prefix of the real
+    ranks.
+    """
+    vocab = _spaceless_vocab(num_bpe_ranks) if spaceless else _truncated_vocab(num_bpe_ranks)
     return {
         "config": {
             "pattern": _source_tekken()["config"]["pattern"],
@@ -108,21 +137,21 @@ def tiny_tekken_dict(num_bpe_ranks: int = 2000) -> dict[str, Any]:
             "default_num_special_tokens": NUM_SPECIAL_TOKENS,
             "version": "v15",
         },
-        "vocab": _truncated_vocab(num_bpe_ranks),
+        "vocab": vocab,
         "special_tokens": special_tokens(),
         "image": dict(IMAGE_CONFIG),
         "model_settings_builder": copy.deepcopy(MODEL_SETTINGS_BUILDER),
     }
 
 
-def write_tiny_tekken(path: Path, num_bpe_ranks: int = 2000) -> int:
+def write_tiny_tekken(path: Path, num_bpe_ranks: int = 2000, spaceless: bool = False) -> int:
     """Write a tiny Small-4-compatible ``tekken.json`` to ``path``; return the total vocab size.
 
     mistral-common only recognises a tekken file when its name contains "tekken" and ends in
     ".json", so pass e.g. ``model_dir / "tekken.json"``. The bytes are identical on every call.
     """
     path = Path(path)
-    doc = tiny_tekken_dict(num_bpe_ranks)
+    doc = tiny_tekken_dict(num_bpe_ranks, spaceless)
     text = json.dumps(doc, ensure_ascii=True, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.encode("ascii") + b"\n")

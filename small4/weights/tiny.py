@@ -47,6 +47,7 @@ class TinySpec:
     vision_layers: int = 1
     vision_heads: int = 2
     vision_intermediate: int = 64
+    spaceless_tokenizer: bool = False  # tekken_tiny's pieces without a space (the demo model's copying)
 
     @property
     def max_position_embeddings(self) -> int:
@@ -438,7 +439,7 @@ def make_tiny(
         spec = spec or tiny_release.RELEASE_SPEC
         tiny_release.make_release(out, quant, seed, spec, dtype)
         (out / "generation_config.json").write_text(json.dumps(tiny_release.GENERATION_CONFIG, indent=2))
-        write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks)
+        write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks, spec.spaceless_tokenizer)
         return out
     if (quant == "fp8-block" and layout != "hf") or (quant == "nvfp4" and layout != "mistral"):
         raise ValueError(
@@ -461,5 +462,5 @@ def make_tiny(
         config["quantization_config"] = tiny_quant.nvfp4_quantization_config()
     (out / ("config.json" if layout == "hf" else "params.json")).write_text(json.dumps(config, indent=2))
     write_shards(sd, out, layout)
-    write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks)
+    write_tiny_tekken(out / "tekken.json", spec.num_bpe_ranks, spec.spaceless_tokenizer)
     return out

@@ -266,3 +266,43 @@ def test_wrapper_special_lookup(tok: Tokenizer) -> None:
 def test_wrapper_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         Tokenizer.from_file(tmp_path)
+
+
+# --- the spaceless variant (the demo model's copy-friendly pieces) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def spaceless(tmp_path_factory: pytest.TempPathFactory) -> Tekkenizer:
+    path = tmp_path_factory.mktemp("spaceless") / "tekken.json"
+    assert write_tiny_tekken(path, NUM_BPE, spaceless=True) == VOCAB
+    inner = MistralTokenizer.from_file(path).instruct_tokenizer.tokenizer
+    assert isinstance(inner, Tekkenizer)
+    return inner
+
+
+def _pieces(tekken: Tekkenizer, text: str) -> list[bytes]:
+    return [tekken.id_to_byte_piece(i) for i in tekken.encode(text, bos=False, eos=False)]
+
+
+def test_spaceless_pieces_never_hold_a_space(spaceless: Tekkenizer) -> None:
+    pieces = [spaceless.id_to_byte_piece(1000 + r) for r in range(NUM_BPE)]
+    assert all(len(p) == 1 or (b" " not in p and p.isascii()) for p in pieces)
+    assert sum(len(p) > 1 for p in pieces) == NUM_BPE - 256  # every slot past the bytes is a real merge
+
+
+@pytest.mark.parametrize("value", ["Perth", "reserve_table", "walnut meadow", "jakob@example.org", "751"])
+def test_spaceless_copies_prose_into_json_as_the_same_pieces(
+    spaceless: Tekkenizer, tekken: Tekkenizer, value: str
+) -> None:
+    prose, quoted = _pieces(spaceless, f"origin set to {value}."), _pieces(spaceless, json.dumps({"o": value}))
+    words = _pieces(spaceless, value)
+    assert any(prose[i : i + len(words)] == words for i in range(len(prose)))
+    assert any(quoted[i : i + len(words)] == words for i in range(len(quoted)))
+    if value == "Perth":  # the real ranks glue the space to the first piece, so the two spellings differ
+        assert _pieces(tekken, " Perth")[0] != _pieces(tekken, "Perth")[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=60))
+def test_spaceless_round_trips_any_text(spaceless: Tekkenizer, text: str) -> None:
+    assert spaceless.decode(spaceless.encode(text, bos=False, eos=False)) == text
