@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 from small4.chat.parse import OutputParser
 from small4.chat.render import ChatRenderer
-from small4.demo_model import copy_drill, curriculum_v2
+from small4.demo_model import arith_drill, copy_drill, curriculum_v2
 from small4.demo_model import curriculum as curriculum_v1
 from small4.demo_model.curriculum import EncodedExample, Example, encode_example, eval_examples, pack_until
 from small4.model.context import AttentionMetadata
@@ -147,7 +147,12 @@ def copy_spec() -> TinySpec:
     never carry a space and the window is 256 (factor 16, the same 4096 positions), so the highest frequencies
     stay whole and the previous-token and induction heads that copying rests on can see exact offsets.
     """
-    return replace(demo_spec(), spaceless_tokenizer=True, yarn_original_max=256, yarn_factor=16.0)
+    return with_copy_features(demo_spec())
+
+
+def with_copy_features(spec: TinySpec) -> TinySpec:
+    """``spec`` with ``copy_spec``'s tokenizer and rope window (tests apply them to the micro shapes)."""
+    return replace(spec, spaceless_tokenizer=True, yarn_original_max=256, yarn_factor=16.0)
 
 
 def micro_spec() -> TinySpec:
@@ -290,13 +295,24 @@ def batch_examples(renderer: ChatRenderer, rng: random.Random, token_budget: int
     )
 
 
-def _mixed_batch(renderer, rng, token_budget: int, module, vocab_size: int, drill_share: float) -> list:
-    """The curriculum's examples with ``drill_share`` of the budget left to copy drills (half of them long)."""
+def _mixed_batch(
+    renderer, rng, token_budget: int, module, vocab_size: int, drill_share: float, arith_share: float = 0.0
+) -> list:
+    """The curriculum's examples with ``drill_share`` of the budget left to copy drills (half of them long) and
+    ``arith_share`` to arithmetic drills."""
     drill_tokens = int(token_budget * drill_share)
-    batch = batch_examples(renderer, rng, token_budget - drill_tokens, curriculum=module)
+    arith_tokens = int(token_budget * arith_share)
+    batch = batch_examples(renderer, rng, token_budget - drill_tokens - arith_tokens, curriculum=module)
     if drill_tokens:
         batch += copy_drill.drill_batch(rng, vocab_size, drill_tokens, long_share=0.5)
+    if arith_tokens:
+        batch += arith_drill.arith_batch(rng, _text_encoder(renderer), arith_tokens)
     return batch
+
+
+def _text_encoder(renderer):
+    tokenizer = renderer.tokenizer.instruct_tokenizer.tokenizer
+    return lambda text: tokenizer.encode(text, bos=False, eos=False)
 
 
 def batch_loss(model: Mistral4Model, batch: list[EncodedExample]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -351,6 +367,7 @@ def train(
     copy_drill_steps: int = 0,
     copy_drill_share: float = 0.0,
     copy_drill_tokens: int = 1024,
+    arith_drill_share: float = 0.0,
 ) -> dict[str, Any]:
     """Trains, saves the checkpoint to ``out``, evaluates it, writes ``training_log.json`` and ``loss.png``.
 
@@ -359,7 +376,8 @@ def train(
     through the real server (``heldout_v2``, ``heldout_per_skill`` cases per skill). The first
     ``copy_drill_steps`` steps train on ``copy_drill`` sequences only; after them ``copy_drill_share`` of each
     batch's token budget stays with the drills (so the copying circuit keeps being trained). Drill-only steps
-    pack ``copy_drill_tokens`` tokens: small batches reach the induction circuit on fewer tokens."""
+    pack ``copy_drill_tokens`` tokens: small batches reach the induction circuit on fewer tokens. After the drill
+    phase ``arith_drill_share`` of each batch goes to ``arith_drill`` lines (digit facts and whole sums)."""
     spec = spec or demo_spec()
     module = CURRICULA[curriculum]
     out = Path(out)
@@ -416,7 +434,7 @@ def train(
         if step < copy_drill_steps:
             batch = copy_drill.drill_batch(rng, vocab_size, copy_drill_tokens)
         else:
-            batch = _mixed_batch(renderer, rng, token_budget, module, vocab_size, copy_drill_share)
+            batch = _mixed_batch(renderer, rng, token_budget, module, vocab_size, copy_drill_share, arith_drill_share)
         seen.update(question_key(enc.example) for enc in batch)
         loss, per_task = batch_loss(model, batch)
         opt.zero_grad(set_to_none=True)
@@ -467,6 +485,7 @@ def train(
         "copy_drill_steps": copy_drill_steps,
         "copy_drill_share": copy_drill_share,
         "copy_drill_tokens": copy_drill_tokens,
+        "arith_drill_share": arith_drill_share,
         "lr": lr,
         "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), warmup + cosine, grad clip 1.0",
         "torch_threads": torch.get_num_threads(),
@@ -664,6 +683,7 @@ def main(args: argparse.Namespace) -> int:
         copy_drill_steps=args.copy_drill_steps,
         copy_drill_share=args.copy_drill_share,
         copy_drill_tokens=args.copy_drill_tokens,
+        arith_drill_share=args.arith_drill_share,
     )
     total = check_sizes(out)
     print(f"wrote the demo model to {out} ({total / 1e6:.2f} MB) in {log['train_wall_s']:.0f} s of training")
@@ -703,6 +723,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--copy-drill-steps", type=int, default=0, help="first steps on copy drills only (copy_drill.py)")
     p.add_argument("--copy-drill-share", type=float, default=0.0, help="share of later batches kept for copy drills")
     p.add_argument("--copy-drill-tokens", type=int, default=1024, help="tokens per drill-only step")
+    p.add_argument("--arith-drill-share", type=float, default=0.0, help="share of later batches for arith_drill.py")
     p.add_argument("--draft-out", help="then train the new model's EAGLE draft head into this directory")
     p.add_argument("--draft-minutes", type=float, default=25.0, help="the draft's training budget (with --draft-out)")
     p.set_defaults(func=main)

@@ -7,7 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from small4.demo_model.train import copy_spec, demo_spec, micro_spec, train
+from small4.demo_model.train import copy_spec, demo_spec, micro_spec, train, with_copy_features
 
 
 def test_copy_spec_changes_only_the_tokenizer_and_the_rope_window() -> None:
@@ -18,7 +18,7 @@ def test_copy_spec_changes_only_the_tokenizer_and_the_rope_window() -> None:
 
 
 def test_train_writes_the_spaceless_tokenizer_and_the_rope_window(tmp_path: Path) -> None:
-    spec = replace(micro_spec(), spaceless_tokenizer=True, yarn_original_max=256, yarn_factor=16.0)
+    spec = with_copy_features(micro_spec())
     log = train(tmp_path / "out", steps=2, spec=spec, curriculum="v1", eval_per_task=1, progress=False, threads=1)
     assert log["spec"]["spaceless_tokenizer"] is True
     rope = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]["rope_parameters"]
