@@ -11,16 +11,18 @@ A request needs a grammar when its output is constrained, and only then:
   nothing is masked until it opens a call; from there the call must name an offered tool with arguments of its
   schema. "none" is honoured by the prompt and needs no grammar.
 
-Two deliberate departures from mistral-common's defaults, both stricter, never looser:
+Deliberate departures from mistral-common's defaults, all stricter, never looser:
 
 - ``json_object`` means a JSON *object* (OpenAI's JSON mode), not "an object or an array";
 - reasoning off (``reasoning_effort`` None or "none", the v15 default) uses the grammar template without a
   ``[THINK]`` section, so a model that was asked not to think cannot open one; with reasoning on, the think
-  template allows an optional ``[THINK]...[/THINK]`` before the answer.
+  template allows an optional ``[THINK]...[/THINK]`` before the answer;
+- the server passes every request through ``enforce_schemas``: tools and the json_schema are enforced as if
+  strict (as vLLM does; mistral-common's non-strict reading asks only for valid JSON), and a tool's parameter
+  objects are closed to their declared keys (OpenAI's strict mode requires ``additionalProperties: false``).
 
-A non-strict ``json_schema`` (``strict`` false, OpenAI's default) follows mistral-common: the schema goes to
-the model in its settings, the grammar only asks for valid JSON (object or array). Non-strict tools likewise
-accept any JSON object as arguments.
+Without ``enforce_schemas`` a non-strict ``json_schema`` or tool follows mistral-common: the schema goes to the
+model in its settings, the grammar only asks for valid JSON.
 
 Compilation (building llguidance's lexer and parser for a grammar) is cached in a bounded LRU keyed by the
 grammar text; a request gets a cheap copy of the compiled matcher. Compile cost is bounded twice: llguidance's
@@ -457,17 +459,41 @@ def _compact(schema: dict[str, Any]) -> dict[str, Any]:
     return schema if "x-guidance" in schema else {**schema, "x-guidance": _COMPACT}
 
 
+_KEEP_AS_WRITTEN = frozenset({"allOf", "not", "if", "const", "enum", "default", "examples"})
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with every object that lists ``properties`` and says nothing of ``additionalProperties`` closed
+    (``additionalProperties: false``, what OpenAI's strict function calling requires): a tool's parameters are
+    the arguments it takes, and an open object lets a weak or confused model invent keys ("value" for a declared
+    "destination"). Objects under ``allOf`` (closing them would make the conjunction refuse the other branch's
+    keys), ``not`` and ``if`` (closing would loosen) stay as written; an explicit ``additionalProperties`` is the
+    client's word and is kept."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in _KEEP_AS_WRITTEN else _closed(v)) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {name: _closed(sub) for name, sub in schema["properties"].items()}
+        if "additionalProperties" not in schema and "allOf" not in schema:
+            out["additionalProperties"] = False
+    return out
+
+
 def enforce_schemas(request: ChatCompletionRequest) -> ChatCompletionRequest:
     """A copy of ``request`` for grammar building: every tool and the json_schema marked strict, so the grammar
     enforces the declared schemas (as vLLM does) instead of mistral-common's non-strict "any JSON" reading, with
-    fixed JSON whitespace. Stricter only, never looser."""
+    fixed JSON whitespace; a tool's parameter objects are closed to their declared keys (``_closed``). The
+    json_schema is the client's own document and keeps its ``additionalProperties`` default. Stricter only,
+    never looser."""
     update: dict[str, Any] = {}
     if request.tools:
         update["tools"] = [
             t.model_copy(
                 update={
                     "function": t.function.model_copy(
-                        update={"strict": True, "parameters": _compact(t.function.parameters)}
+                        update={"strict": True, "parameters": _compact(_closed(t.function.parameters))}
                     )
                 }
             )

@@ -413,3 +413,59 @@ def test_triggered_tool_grammar_through_the_engine_never_names_an_unoffered_tool
 
 def engine_vocab(llm) -> int:
     return llm.engine.runner.config.text.vocab_size
+
+
+def test_enforce_schemas_closes_tool_parameter_objects_and_keeps_the_clients_word():
+    from small4.chat.grammar import _closed
+
+    open_schema = {
+        "type": "object",
+        "properties": {
+            "trip": {"type": "object", "properties": {"origin": {"type": "string"}}},
+            "tags": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}}}},
+            "extra": {"type": "object", "properties": {}, "additionalProperties": True},
+            "either": {"anyOf": [{"type": "object", "properties": {"a": {"type": "integer"}}}, {"type": "null"}]},
+            "both": {"allOf": [{"type": "object", "properties": {"x": {"type": "integer"}}}]},
+            "never": {"not": {"type": "object", "properties": {"y": {"type": "integer"}}}},
+        },
+    }
+    closed = _closed(open_schema)
+    props = closed["properties"]
+    assert closed["additionalProperties"] is False
+    assert props["trip"]["additionalProperties"] is False
+    assert props["tags"]["items"]["additionalProperties"] is False
+    assert props["extra"]["additionalProperties"] is True  # said explicitly: kept
+    assert props["either"]["anyOf"][0]["additionalProperties"] is False
+    assert props["both"] == open_schema["properties"]["both"]  # closing would refuse the other branches' keys
+    assert props["never"] == open_schema["properties"]["never"]  # closing would loosen
+    assert "additionalProperties" not in open_schema  # a copy: the request's own schema is untouched
+
+
+def test_an_undeclared_argument_key_is_refused_for_a_non_strict_tool(llm, compiler):
+    """A non-strict tool whose schema leaves additionalProperties unsaid: through ``enforce_schemas`` the
+    arguments hold only declared keys (the held-out demo answered search_flights with a made-up "value" key)."""
+    from mistral_common.protocol.instruct.tool_calls import ToolChoiceEnum
+
+    from small4.chat.grammar import enforce_schemas
+
+    params = {"type": "object", "properties": {"origin": {"type": "string"}, "destination": {"type": "string"}}}
+    tools = [Tool(function=Function(name="search_flights", parameters=params))]
+    request = enforce_schemas(_request(tools=tools, tool_choice=ToolChoiceEnum.required))
+    grammar = compiler.compile(compiler.grammar_for(request, reasoning=False))
+    tok = llm.tokenizer
+
+    def accepts(arguments: str) -> bool:
+        m = compiler.matcher(grammar)
+        ids = [
+            tok.special_id("[TOOL_CALLS]"),
+            *tok.encode("search_flights", bos=False),
+            tok.special_id("[ARGS]"),
+            *tok.encode(arguments, bos=False),
+        ]
+        end = m.advance(ids)
+        return not m.failed and tok.eos_id in _allowed(end)
+
+    assert accepts('{"origin": "Perth", "destination": "Zagreb"}')
+    assert accepts('{"origin": "Perth"}')  # nothing is required: optional keys may be left out
+    assert not accepts('{"origin": "Perth", "value": "Zagreb"}')
+    assert "additionalProperties" not in tools[0].function.parameters  # the client's tool is not modified
