@@ -44,6 +44,16 @@ large run's (tool_call 0.32, echo 0.33), but held-out copying still did not tran
 calls with the right arguments 0.00, tool answer 0.10, json values 0.23; greeting 1.00, chat_high 0.88. With
 4000 drill steps the circuit never formed and the held-out rates are alike. Not shipped.
 
+Session 7 added the spaceless tokenizer and the 256-position rope window (``--size copy``, ``trials/v4-*``): tool
+names 0.70, capitals 0.78, json_schema 0.75, chat_high 0.88, but arithmetic 0.00 (the traces copied the right
+digits and got the single-digit facts wrong: "Units: 9 + 3 = 10"). Session 8 added ``arith_drill.py``
+(``--arith-drill-share``) and ran two 85-minute copy-spec runs side by side, one core each, ~14k steps,
+``--copy-drill-steps 2500 --copy-drill-share 0.25 --lr 3e-3`` (``trials/v5-*``); held-out (seed 1000, 128
+tokens) with share 0.15 / 0.30: add 0.55 / 0.58 without reasoning (v1: 0.08), 0.00 / 0.13 with it; sub 0.25 /
+0.35 and 0.03 / 0.00; json_schema 0.95 / 0.85, json values 0.45 / 0.50, chat_high 0.90 / 0.55, capitals 0.88 /
+0.70; tool calls with the right arguments 0.03 / 0.08, tool answers 0.13; image colour 0.68 / 0.78 but shape
+and description 0.00-0.10 (v1: 0.43 / 0.48). Not shipped: the image regression, and far from the thresholds.
+
 A 20-minute trial of v2 on ``small`` (``--size small --minutes 20``, one thread, ``nice -n 10`` on the busy
 session machine) is what the README's comparison of the two curricula quotes.
 """
