@@ -460,6 +460,7 @@ def _compact(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 _KEEP_AS_WRITTEN = frozenset({"allOf", "not", "if", "const", "enum", "default", "examples"})
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})  # name -> schema
 
 
 def _closed(schema: Any) -> Any:
@@ -473,12 +474,18 @@ def _closed(schema: Any) -> Any:
         return [_closed(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (v if k in _KEEP_AS_WRITTEN else _closed(v)) for k, v in schema.items()}
-    if isinstance(schema.get("properties"), dict):
-        out["properties"] = {name: _closed(sub) for name, sub in schema["properties"].items()}
-        if "additionalProperties" not in schema and "allOf" not in schema:
-            out["additionalProperties"] = False
+    out = {k: _closed_value(k, v) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema and "allOf" not in schema:
+        out["additionalProperties"] = False
     return out
+
+
+def _closed_value(keyword: str, value: Any) -> Any:
+    if keyword in _KEEP_AS_WRITTEN:
+        return value
+    if keyword in _SCHEMA_MAPS and isinstance(value, dict):  # the keys are names, not keywords
+        return {name: _closed(sub) for name, sub in value.items()}
+    return _closed(value)
 
 
 def enforce_schemas(request: ChatCompletionRequest) -> ChatCompletionRequest:

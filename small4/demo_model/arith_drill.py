@@ -16,10 +16,10 @@ import random
 from collections.abc import Callable
 
 from small4.demo_model import split
+from small4.demo_model.copy_drill import IGNORE
 from small4.demo_model.curriculum import EncodedExample, Example, pack_until
 
 ARITH_TAG = 997
-IGNORE = -100
 Encode = Callable[[str], list[int]]
 
 
@@ -57,13 +57,13 @@ def whole_sum(rng: random.Random) -> tuple[str, int]:
 def arith_drill(rng: random.Random, encode: Encode, whole_share: float = 0.5) -> EncodedExample:
     """``[ARITH_TAG] lhs = value. lhs = value. ...``: labels on each value and its full stop."""
     tokens, labels = [ARITH_TAG], [IGNORE]
+    space = encode(" ")  # before the next line: predicts nothing
     for _ in range(rng.randint(6, 14)):
         lhs, value = whole_sum(rng) if rng.random() < whole_share else digit_fact(rng)
         left = encode(f"{lhs} = ")
         right = encode(f"{value}.")
         labels += [IGNORE] * (len(left) - 1) + [right[0]]
         labels += [*right[1:], IGNORE]
-        space = encode(" ")  # before the next line: predicts nothing
         tokens += [*left, *right, *space]
         labels += [IGNORE] * len(space)
     return EncodedExample(Example("drill_arith", [], {}), tokens, [0] * len(tokens), len(tokens), [], labels=labels)

@@ -439,6 +439,9 @@ def test_enforce_schemas_closes_tool_parameter_objects_and_keeps_the_clients_wor
     assert props["both"] == open_schema["properties"]["both"]  # closing would refuse the other branches' keys
     assert props["never"] == open_schema["properties"]["never"]  # closing would loosen
     assert "additionalProperties" not in open_schema  # a copy: the request's own schema is untouched
+    named = _closed({"type": "object", "properties": {"properties": {"type": "string"}}, "$defs": {"x": {}}})
+    assert named["properties"] == {"properties": {"type": "string"}}  # a parameter named "properties" is a name
+    assert named["$defs"] == {"x": {}} and named["additionalProperties"] is False
 
 
 def test_an_undeclared_argument_key_is_refused_for_a_non_strict_tool(llm, compiler):
