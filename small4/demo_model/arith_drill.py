@@ -7,6 +7,11 @@ spelling (``9 + 3 = 12.``, ``7 + 1 + 1 = 9.``, ``13 - 6 = 7.``, ``6 - 1 - 3 = 2.
 labels on the results only; half the lines are whole training-pair sums and differences (``79 + 13 = 92.``),
 the answer that reasoning "none" writes without a trace. Held-out pairs (``split.heldout_pair``) never appear.
 
+Session 8's runs then wrote true facts on the wrong digits ("79 + 13" traced as "Units: 7 + 1 = 8"): the trace
+copies each number's units and tens digit from the question, which a fact line never asks. ``trace_drill``
+packs whole traces after their question (``79 + 13: Units: 9 + 3 = 12, write 2 carry 1. Tens: ...``), labels on
+the trace, so that copy gets dense looks too.
+
 The tag is a control token the chat format never uses (``<SPECIAL_997>``), like the copy drills' tags.
 """
 
@@ -17,7 +22,7 @@ from collections.abc import Callable
 
 from small4.demo_model import split
 from small4.demo_model.copy_drill import IGNORE
-from small4.demo_model.curriculum import EncodedExample, Example, pack_until
+from small4.demo_model.curriculum import EncodedExample, Example, add_trace, pack_until, sub_trace
 
 ARITH_TAG = 997
 Encode = Callable[[str], list[int]]
@@ -54,14 +59,24 @@ def whole_sum(rng: random.Random) -> tuple[str, int]:
             return (f"{a} - {b}", a - b) if sub else (f"{a} + {b}", a + b)
 
 
-def arith_drill(rng: random.Random, encode: Encode, whole_share: float = 0.5) -> EncodedExample:
-    """``[ARITH_TAG] lhs = value. lhs = value. ...``: labels on each value and its full stop."""
+def training_trace(rng: random.Random) -> tuple[str, str]:
+    """A training pair's question (``79 + 13``) and the trace the curriculum writes for it."""
+    while True:
+        a, b = rng.randint(10, 99), rng.randint(0, 99)
+        if rng.random() < 0.5:
+            a, b = max(a, b), min(a, b)
+            if not split.heldout_pair(a, b):
+                return f"{a} - {b}", sub_trace(a, b)
+        elif not split.heldout_pair(a, b):
+            return f"{a} + {b}", add_trace(a, b)
+
+
+def _labelled_lines(lines: list[tuple[str, str]], encode: Encode) -> EncodedExample:
+    """``[ARITH_TAG] left right left right ...`` (a space after each right side) with labels on the rights."""
     tokens, labels = [ARITH_TAG], [IGNORE]
     space = encode(" ")  # before the next line: predicts nothing
-    for _ in range(rng.randint(6, 14)):
-        lhs, value = whole_sum(rng) if rng.random() < whole_share else digit_fact(rng)
-        left = encode(f"{lhs} = ")
-        right = encode(f"{value}.")
+    for left_text, right_text in lines:
+        left, right = encode(left_text), encode(right_text)
         labels += [IGNORE] * (len(left) - 1) + [right[0]]
         labels += [*right[1:], IGNORE]
         tokens += [*left, *right, *space]
@@ -69,5 +84,24 @@ def arith_drill(rng: random.Random, encode: Encode, whole_share: float = 0.5) ->
     return EncodedExample(Example("drill_arith", [], {}), tokens, [0] * len(tokens), len(tokens), [], labels=labels)
 
 
-def arith_batch(rng: random.Random, encode: Encode, token_budget: int) -> list[EncodedExample]:
-    return pack_until(lambda: arith_drill(rng, encode), token_budget)
+def arith_drill(rng: random.Random, encode: Encode, whole_share: float = 0.5) -> EncodedExample:
+    """``[ARITH_TAG] lhs = value. lhs = value. ...``: labels on each value and its full stop."""
+    facts = [whole_sum(rng) if rng.random() < whole_share else digit_fact(rng) for _ in range(rng.randint(6, 14))]
+    return _labelled_lines([(f"{lhs} = ", f"{value}.") for lhs, value in facts], encode)
+
+
+def trace_drill(rng: random.Random, encode: Encode) -> EncodedExample:
+    """``[ARITH_TAG] 79 + 13: Units: ... So 92. 52 - 17: Units: borrow, ...``: labels on each trace."""
+    traces = [training_trace(rng) for _ in range(rng.randint(2, 4))]
+    return _labelled_lines([(f"{question}: ", trace) for question, trace in traces], encode)
+
+
+def arith_batch(
+    rng: random.Random, encode: Encode, token_budget: int, trace_share: float = 0.5
+) -> list[EncodedExample]:
+    """Drills up to ``token_budget`` tokens, ``trace_share`` of the sequences whole traces, the rest fact lines."""
+
+    def one() -> EncodedExample:
+        return trace_drill(rng, encode) if rng.random() < trace_share else arith_drill(rng, encode)
+
+    return pack_until(one, token_budget)

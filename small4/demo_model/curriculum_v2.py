@@ -55,7 +55,7 @@ from small4.demo_model.curriculum import make_example as v1_make_example
 
 TASKS = ("add", "sub", "tool_call", "tool_answer", "json", "chat", "vision", "echo", "v1_tool_call", "v1_tool_answer")
 TASK_WEIGHTS = {
-    "add": 3, "sub": 3, "tool_call": 5, "tool_answer": 3, "json": 2, "chat": 3, "vision": 3, "echo": 1,
+    "add": 3, "sub": 3, "tool_call": 5, "tool_answer": 3, "json": 2, "chat": 3, "vision": 5, "echo": 1,
     "v1_tool_call": 1, "v1_tool_answer": 1,
 }  # fmt: skip
 
@@ -85,11 +85,15 @@ TOOL_TEMPLATES = (
     "Use {name} with {kvs}.", "Call {name}: {kvs}.", "Run {name} for {kvs}.", "{name} with {kvs}, please.",
     "I want to use {name}. {kvs}.", "Use the {name} tool: {kvs}.", "Call {name} with {kvs}.",
     "Can you call {name}? {kvs}.", "Please use {name}, {kvs}.", "{name}: {kvs}", "Run the {name} function with {kvs}.",
+    "Invoke {name} with {kvs}.", "Execute {name}: {kvs}.", "I need you to call {name} with {kvs}.",
+    "Would you use {name}? Pass {kvs}.", "Call the {name} tool using {kvs}.", "Please run {name}. {kvs}.",
+    "Use {name} now, {kvs}.", "Trigger {name} for {kvs}.",
 )  # fmt: skip
 NATURAL_TOOL_TEMPLATES = ("{Verb} the {noun} with {kvs}.", "Please {verb} the {noun}: {kvs}.", "{Verb} {noun}, {kvs}.")
 KV_FORMS = (
     "{p} {v}", "{p}={v}", "{p}: {v}", "{p} is {v}", "the {p} {v}", "{p} should be {v}", "{p} equal to {v}",
-    "with {p} {v}", "{p} -> {v}", "{p} being {v}",
+    "with {p} {v}", "{p} -> {v}", "{p} being {v}", "{p} of {v}", "{p} to {v}", "{p} := {v}", "{p} => {v}",
+    "{p} value {v}", "use {v} for {p}", "{v} for {p}", "{p} was {v}",
 )  # fmt: skip
 JSON_TEMPLATES = (
     "Reply in JSON with {kvs}.", "Give me a JSON object: {kvs}.", "Return JSON where {kvs}.", "As JSON: {kvs}.",
@@ -98,6 +102,31 @@ JSON_TEMPLATES = (
 RESULT_KEYS = ("result", "status", "total", "value", "message", "count", "temperature", "answer")
 BOOL_WORDS = {"yes": True, "no": False, "true": True, "false": False, "on": True, "off": False}
 COUNT_WORDS = {1: "1 shape", 2: "2 shapes", 3: "3 shapes", 4: "4 shapes"}
+# Image questions, many phrasings per kind (session 8's runs, trained on two or three each, answered held-out
+# wordings with junk: "A squarewn h }"); the held-out wordings (heldout.DESCRIBE, ...) stay out, by test.
+DESCRIBE_QUESTIONS = (
+    "What is in this image?", "Describe the image.", "What do you see?", "What does the picture show?",
+    "Describe this picture.", "What is shown here?", "Tell me about the image.", "What is in the picture?",
+    "Describe what you see.", "What does this image contain?", "What is on the image?", "Explain the picture.",
+    "Say what the image shows.", "What can you see in this picture?", "Describe it.", "What is this?",
+)  # fmt: skip
+COLOUR_QUESTIONS = (
+    "What colour is the shape?", "Which colour is it?", "What colour is it?", "Tell me the colour.",
+    "What is the colour of the shape?", "Which colour is the shape?", "What colour is drawn?", "Colour?",
+    "Say the colour of the shape.", "What colour does the shape have?", "Which colour do you see?",
+    "What is its colour?", "Tell me its colour.", "Which colour is shown?",
+)  # fmt: skip
+SHAPE_QUESTIONS = (
+    "What shape is this?", "Which shape is it?", "What shape is shown?", "Tell me the shape.", "What is the shape?",
+    "Which shape do you see?", "Shape?", "Identify the shape.", "What shape is drawn here?", "Say the shape.",
+    "Which shape is drawn?", "What shape do you see?", "What kind of shape is it?", "Tell me which shape it is.",
+)  # fmt: skip
+COUNT_QUESTIONS = (
+    "How many shapes are in the image?", "Count the shapes.", "How many shapes?", "How many objects are there?",
+    "Count the objects in the picture.", "How many items do you see?", "What is the count of shapes?",
+    "Number of shapes?", "How many shapes can you see?", "How many things are drawn?", "Count them.",
+    "How many shapes are drawn?", "Tell me how many shapes there are.",
+)  # fmt: skip
 
 
 # -- arithmetic -----------------------------------------------------------------------------------------------
@@ -408,17 +437,17 @@ def _vision(rng: random.Random) -> Example:
     colour, shape = rng.choice(tuple(COLOURS)), rng.choice(SHAPES)
     if rng.random() < 0.3:
         n = rng.randint(1, 4)
-        q = rng.choice(("How many shapes are in the image?", "Count the shapes.", "How many shapes?"))
+        q = rng.choice(COUNT_QUESTIONS)
         answer = f"There {'is' if n == 1 else 'are'} {COUNT_WORDS[n]}."
         messages = _image_message(count_image(colour, shape, n, rng), q)
         return Example("vision", messages, {"role": "assistant", "content": answer}, expected={"count": n})
     kind = rng.random()
     if kind < 0.6:
-        q, answer = rng.choice(("What is in this image?", "Describe the image.", "What do you see?")), None
+        q, answer = rng.choice(DESCRIBE_QUESTIONS), None
     elif kind < 0.8:
-        q, answer = rng.choice(("What colour is the shape?", "Which colour is it?")), f"It is {colour}."
+        q, answer = rng.choice(COLOUR_QUESTIONS), f"It is {colour}."
     else:
-        q, answer = rng.choice(("What shape is this?", "Which shape is it?")), f"It is a {shape}."
+        q, answer = rng.choice(SHAPE_QUESTIONS), f"It is a {shape}."
     answer = answer or f"A {colour} {shape}."
     messages = _image_message(shape_image(colour, shape, rng), q)
     expected = {"colour": colour, "shape": shape}

@@ -92,3 +92,32 @@ def test_train_mixes_arith_drills_in_after_the_drill_phase(tmp_path: Path) -> No
     )
     assert log["arith_drill_share"] == 0.3
     assert "drill_arith" in log["final_loss_per_task"]
+
+
+def test_trace_drills_are_the_curriculums_traces_labelled_on_the_trace(tokenizer: Tekkenizer) -> None:
+    rng = random.Random(5)
+    encode = _encode(tokenizer)
+    ops = set()
+    for _ in range(100):
+        example = arith_drill.trace_drill(rng, encode)
+        assert example.tokens[0] == arith_drill.ARITH_TAG and len(example.labels) == len(example.tokens)
+        labelled = [i for i, y in enumerate(example.labels) if y >= 0]
+        assert all(example.labels[i] == example.tokens[i + 1] for i in labelled)
+        targets = "".join(tokenizer.decode([example.tokens[i + 1]]) for i in labelled)
+        text = tokenizer.decode(example.tokens[1:])
+        pairs = re.findall(r"(\d+) ([+-]) (\d+): ", text)
+        assert 2 <= len(pairs) <= 4
+        traces = []
+        for a, op, b in pairs:
+            a, b = int(a), int(b)
+            assert not split.heldout_pair(a, b), (a, b)
+            traces.append(add_trace(a, b) if op == "+" else sub_trace(a, b))
+            ops.add(op)
+        assert targets == "".join(traces)  # exactly the traces, nothing of the questions
+    assert ops == {"+", "-"}
+
+
+def test_arith_batch_mixes_trace_and_fact_drills(tokenizer: Tekkenizer) -> None:
+    batch = arith_drill.arith_batch(random.Random(2), _encode(tokenizer), 4000)
+    texts = [tokenizer.decode(e.tokens[1:]) for e in batch]
+    assert any("Units:" in t for t in texts) and any("Units:" not in t for t in texts)

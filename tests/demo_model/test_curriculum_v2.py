@@ -130,6 +130,13 @@ def test_heldout_never_draws_a_training_case() -> None:
     for a, b in ((v2.ADD_TEMPLATES, heldout.ADD_TEMPLATES), (v2.TOOL_TEMPLATES, heldout.TOOL_TEMPLATES)):
         assert not set(a) & set(b)
     assert not set(v2.KV_FORMS) & set(heldout.KV_FORMS)
+    image_questions = (
+        (v2.DESCRIBE_QUESTIONS, heldout.DESCRIBE), (v2.COLOUR_QUESTIONS, heldout.ASK_COLOUR),
+        (v2.SHAPE_QUESTIONS, heldout.ASK_SHAPE), (v2.COUNT_QUESTIONS, heldout.ASK_COUNT),
+    )  # fmt: skip
+    every_heldout_question = {q.lower() for _, held_qs in image_questions for q in held_qs}
+    for train_qs, _ in image_questions:
+        assert len(train_qs) >= 10 and not {q.lower() for q in train_qs} & every_heldout_question
     assert not {w.lower() for w in split.TRAIN_VALUES} & {w.lower() for w in split.HELDOUT_VALUES}
 
 
