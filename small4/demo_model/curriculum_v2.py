@@ -44,6 +44,7 @@ from small4.demo_model.curriculum import (
     GREETINGS,
     IMAGE_SIZE,
     SHAPES,
+    TOOLS,
     Example,
     _call_id,
     add_trace,
@@ -56,7 +57,7 @@ from small4.demo_model.curriculum import make_example as v1_make_example
 TASKS = ("add", "sub", "tool_call", "tool_answer", "json", "chat", "vision", "echo", "v1_tool_call", "v1_tool_answer")
 TASK_WEIGHTS = {
     "add": 3, "sub": 3, "tool_call": 5, "tool_answer": 3, "json": 2, "chat": 3, "vision": 5, "echo": 1,
-    "v1_tool_call": 1, "v1_tool_answer": 1,
+    "v1_tool_call": 2, "v1_tool_answer": 2,
 }  # fmt: skip
 
 ADD_TEMPLATES = (
@@ -404,7 +405,9 @@ def _chat(rng: random.Random) -> Example:
     assistant: dict[str, Any] = {"role": "assistant", "content": answer}
     if effort == "high":
         assistant["reasoning_content"] = trace
-    tools = _random_tools(rng, rng.randint(1, 3)) if rng.random() < 0.25 else None
+    tools = None
+    if rng.random() < 0.3:  # tools on offer and none needed: answer in words (half of them the showcase tools)
+        tools = showcase_tools(rng, []) if rng.random() < 0.5 else _random_tools(rng, rng.randint(1, 3))
     return Example("chat", [{"role": "user", "content": q}], assistant, effort, tools, {"answer": answer})
 
 
@@ -462,14 +465,42 @@ def _echo(rng: random.Random) -> Example:
     return Example("echo", [{"role": "user", "content": q}], assistant, expected={"answer": phrase})
 
 
+def _as_an_sdk_sends_it(rng: random.Random, tool: dict[str, Any]) -> dict[str, Any]:
+    """``tool`` as a client library may serialise it: as written, or strict with ``additionalProperties: false``
+    and pydantic's ``title`` on each parameter (the OpenAI Agents SDK's ``function_tool``)."""
+    if rng.random() < 0.5:
+        return tool
+    fn = tool["function"]
+    params = fn["parameters"]
+    props = {k: {**v, "title": k.replace("_", " ").title()} for k, v in params["properties"].items()}
+    strict = {**params, "properties": props, "additionalProperties": False}
+    return {"type": "function", "function": {**fn, "parameters": strict, "strict": True}}
+
+
+def showcase_tools(rng: random.Random, needed: list[str]) -> list[dict[str, Any]]:
+    """v1's ``calculator`` / ``get_weather`` (what ``small4 demo``, the web UI and the README show) in a random
+    subset and order that keeps the ``needed`` ones, sometimes beside random tools, each as an SDK may send it."""
+    keep = [t for t in TOOLS if t["function"]["name"] in needed or rng.random() < 0.6] or [rng.choice(TOOLS)]
+    if rng.random() < 0.25:
+        keep += _random_tools(rng, rng.randint(1, 2))
+    rng.shuffle(keep)
+    return [_as_an_sdk_sends_it(rng, t) for t in keep]
+
+
 def _v1_tools(task: str, rng: random.Random) -> Example:
-    """v1's ``calculator`` / ``get_weather`` tasks (what ``small4 demo`` and the web UI show), redrawn while the
+    """v1's ``calculator`` / ``get_weather`` tasks, offered through ``showcase_tools``; redrawn while the
     conversation holds a held-out number of two or more digits."""
     while True:
         ex = v1_make_example(task, rng)
         text = " ".join(str(m.get("content")) for m in ex.messages)
         if not any(split.heldout_number(int(n)) for n in re.findall(r"\d+", text) if int(n) >= 10):
-            return Example(f"v1_{task}", ex.messages, ex.assistant, ex.reasoning_effort, ex.tools, ex.expected)
+            tools = showcase_tools(rng, [ex.expected.get("name") or _called(ex)])
+            return Example(f"v1_{task}", ex.messages, ex.assistant, ex.reasoning_effort, tools, ex.expected)
+
+
+def _called(ex: Example) -> str:
+    """The tool an example's conversation calls (a tool-answer example's earlier call)."""
+    return next(c["function"]["name"] for m in ex.messages for c in m.get("tool_calls") or [])
 
 
 _GENERATORS = {

@@ -249,6 +249,27 @@ def test_v2_targets_encode_and_parse_back(renderer, task: str) -> None:
             assert ex.assistant["content"] == f"{x} + {y} = {x + y}." and not split.heldout_pair(x, y)
 
 
+def test_showcase_tools_keep_the_needed_tool_and_vary_how_they_are_sent(renderer) -> None:
+    """The demo's calculator / get_weather in subsets, orders and SDK serialisations (strict, closed, titled): the
+    called tool is always on offer, and every form renders through the server's renderer."""
+    rng = random.Random(3)
+    names, strict, titled = set(), 0, 0
+    for _ in range(200):
+        ex = v2.make_example(rng.choice(("v1_tool_call", "v1_tool_answer")), rng)
+        offered = {t["function"]["name"]: t["function"] for t in ex.tools}
+        called = next(c["function"]["name"] for m in [*ex.messages, ex.assistant] for c in m.get("tool_calls") or [])
+        assert called in offered
+        names.add(tuple(sorted(offered)))
+        for fn in offered.values():
+            if fn.get("strict"):
+                strict += 1
+                assert fn["parameters"]["additionalProperties"] is False
+                titled += all("title" in p for p in fn["parameters"]["properties"].values())
+        encode_example(renderer, ex)
+    assert {("calculator",), ("get_weather",), ("calculator", "get_weather")} <= names and strict and titled == strict
+    assert any(len(names_) > 2 for names_ in names)  # sometimes beside random tools
+
+
 def test_v2_tool_calls_copy_their_arguments_from_the_prompt() -> None:
     rng = random.Random(0)
     for _ in range(300):

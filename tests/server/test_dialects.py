@@ -265,8 +265,11 @@ def test_streaming_equals_non_streaming_in_every_mode(openai_client, text, kw):
 def test_min_tokens_defers_stop_strings(openai_client):
     stopped = _ask(openai_client, "Hello!", max_tokens=32, stop=["!"])
     assert stopped.choices[0].message.content == "Hello" and stopped.choices[0].finish_reason == "stop"
-    # "!" is the 4th token ("H", "ell", "o", "!"): a stop string ending at the min_tokens-th token counts (vLLM)
-    at = _ask(openai_client, "Hello!", max_tokens=32, stop=["!"], extra_body={"min_tokens": 4})
+    # the token that completes "!" (the 4th with v1's tokenizer: "H", "ell", "o", "!"), from the reply's own tokens
+    tokens = [t.token for t in _ask(openai_client, "Hello!", max_tokens=32, logprobs=True).choices[0].logprobs.content]
+    bang = next(i for i in range(1, len(tokens) + 1) if "!" in "".join(tokens[:i]))
+    # a stop string ending at the min_tokens-th token counts (vLLM)
+    at = _ask(openai_client, "Hello!", max_tokens=32, stop=["!"], extra_body={"min_tokens": bang})
     assert at.choices[0].message.content == "Hello"
-    deferred = _ask(openai_client, "Hello!", max_tokens=32, stop=["!"], extra_body={"min_tokens": 5})
+    deferred = _ask(openai_client, "Hello!", max_tokens=32, stop=["!"], extra_body={"min_tokens": bang + 1})
     assert deferred.choices[0].message.content == "Hello! How can I help you today?"

@@ -98,7 +98,7 @@ def test_stream_event_sequence(client):
             input="What is 12 + 7?",
             reasoning={"effort": "high"},
             temperature=0,
-            max_output_tokens=64,
+            max_output_tokens=128,
             stream=True,
         )
     )
@@ -116,7 +116,7 @@ def test_stream_event_sequence(client):
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     final = events[-1].response
     assert final.output[0].content[0].text == reasoning and final.output_text == text
-    full = _create(client, "What is 12 + 7?", reasoning={"effort": "high"}, max_output_tokens=64)
+    full = _create(client, "What is 12 + 7?", reasoning={"effort": "high"}, max_output_tokens=128)
     assert full.output_text == text and full.usage.output_tokens == final.usage.output_tokens
 
 
