@@ -18,5 +18,5 @@ def test_main_job_answers_speculates_and_stops_cleanly(capsys):
     spec = re.search(r"speculative: (\d+) verify steps, acceptance ([\d.]+), ([\d.]+) tokens per step", out)
     assert spec, out
     assert int(spec.group(1)) > 0
-    assert float(spec.group(2)) >= 0.6  # measured 0.87 over the demo's requests
-    assert float(spec.group(3)) >= 2.5  # measured 3.61 at k = 3
+    assert float(spec.group(2)) >= 0.6  # v2 model and draft: 0.72 on 60 held-out prompts
+    assert float(spec.group(3)) >= 2.5  # 3.16 at k = 3 there

@@ -212,10 +212,8 @@ class GrammarMatcher:
         """Consume ``tokens`` past what was consumed. Output that is shorter or differs in its tail (speculative
         decoding: drafts checked, then rejected) rolls the matcher back to the common prefix first."""
         done = len(self._consumed)
-        if len(tokens) < done or (done and tokens[done - 1] != self._consumed[-1]):
-            common = 0
-            while common < min(done, len(tokens)) and int(tokens[common]) == self._consumed[common]:
-                common += 1
+        common = common_prefix(tokens, self._consumed)
+        if common < done:
             if not self._matcher.rollback(done - common):
                 self._fail(
                     f"cannot roll the grammar back by {done - common} tokens: {_short(self._matcher.get_error())}"
@@ -225,6 +223,10 @@ class GrammarMatcher:
             done = common
         for token in tokens[done:]:
             token = int(token)
+            if token == self._eos_id and (self._matcher.is_accepting() or self._matcher.is_stopped()):
+                # EOS ends the output: it is never fed to llguidance (a stopped matcher's rollback then takes one
+                # token too many: speculative drafts "}", EOS, EOS rejected left the matcher before the "}")
+                return
             try:
                 ok = self._matcher.consume_token(token)
             except Exception as e:  # API-level errors, e.g. a token id outside the grammar's vocabulary
@@ -269,11 +271,9 @@ class TriggeredMatcher:
 
     def advance(self, output_token_ids: Sequence[int]) -> bytes | None:
         out, seen = output_token_ids, self._seen
-        if len(out) < len(seen) or (seen and int(out[len(seen) - 1]) != seen[-1]):
+        common = common_prefix(out, seen)
+        if common < len(seen):
             # the output was rolled back (speculative drafts rejected): keep what it still shares, rescan the rest
-            common = 0
-            while common < min(len(seen), len(out)) and int(out[common]) == seen[common]:
-                common += 1
             del seen[common:]
             if self._start is not None and self._start >= common:
                 self._start = None
@@ -286,6 +286,17 @@ class TriggeredMatcher:
             else:
                 return None
         return self._inner.advance(output_token_ids[self._start :])
+
+
+def common_prefix(tokens: Sequence[int], consumed: list[int]) -> int:
+    """How many leading tokens ``tokens`` shares with ``consumed``. Every position counts: after speculative drafts
+    are rejected, the new output can differ early and agree again at the end (a repeated quote or brace), which a
+    look at the last token alone would take for no change (the matcher then kept a rejected token: a JSON object
+    the model closed still wanted another "}")."""
+    n = min(len(tokens), len(consumed))
+    if [int(t) for t in tokens[:n]] == consumed[:n]:
+        return n
+    return next(i for i in range(n) if int(tokens[i]) != consumed[i])
 
 
 def _eos_only_bitmask(eos_id: int, mask_words: int) -> bytes:

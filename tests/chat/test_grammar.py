@@ -339,6 +339,38 @@ def test_output_shorter_or_different_rolls_the_matcher_back(llm, compiler):
     assert not matcher.failed and matcher.num_consumed == len(other)
 
 
+def test_output_that_differs_early_but_ends_alike_rolls_back(llm, compiler):
+    """Rejected drafts can leave an output that differs in the middle and agrees on its last token (a repeated
+    quote): the matcher still rolls back to the real common prefix, for the plain and the triggered matcher."""
+    from small4.chat.grammar import common_prefix
+
+    tok = llm.tokenizer
+    head, quote = tok.encode('{"age":1,"name":"', bos=False), tok.encode('"', bos=False)
+    drafted = head + tok.encode("a", bos=False) + quote  # the string closed: "," or "}" next
+    kept = head + tok.encode("\\", bos=False) + quote  # an escaped quote: the string still open
+    assert len(drafted) == len(kept) and drafted[-1] == kept[-1] and drafted != kept
+    assert _person_matcher(compiler).advance(drafted) != _person_matcher(compiler).advance(kept)
+    matcher = _person_matcher(compiler)
+    matcher.advance(drafted)
+    assert matcher.advance(kept) == _person_matcher(compiler).advance(kept)
+    assert common_prefix(kept, drafted) == len(head) and common_prefix(kept, kept) == len(kept)
+    assert common_prefix(kept[:2], drafted) == 2 and common_prefix([], drafted) == 0
+
+
+def test_rejected_eos_drafts_leave_the_closing_token_consumed(llm, compiler):
+    """Speculative drafts of EOS after a complete object, then rejected: the matcher is back right after the "}"
+    (EOS allowed), not one token earlier (llguidance's rollback of a stopped matcher takes one token too many,
+    so EOS is never fed to it); the served model then wrote '}}' and a second call into the arguments."""
+    tok = llm.tokenizer
+    done = tok.encode('{"age":1,"name":"a"}', bos=False)
+    complete = _person_matcher(compiler)
+    fresh = complete.advance(done)
+    assert not complete.failed and tok.eos_id in _allowed(fresh)
+    matcher = _person_matcher(compiler)
+    matcher.advance([*done, tok.eos_id, tok.eos_id])
+    assert matcher.advance(done) == fresh and not matcher.failed
+
+
 def _tool_name_start_ids(llm, allowed: set[int]) -> set[str]:
     """The first characters of the tokens the mask allows (mistral-common's grammar allows up to 8 whitespace
     characters around a name)."""
