@@ -48,27 +48,27 @@ def digit_fact(rng: random.Random) -> tuple[str, int]:
     return f"{x} - 1 - {y}", x - 1 - y  # tens after a borrow
 
 
-def whole_sum(rng: random.Random) -> tuple[str, int]:
-    """A training pair's sum or difference, the answer reasoning "none" writes directly."""
+def training_pair(rng: random.Random) -> tuple[int, int, bool]:
+    """Two-digit operands ``a``, ``b`` and whether to subtract (then ``a >= b``), never a held-out pair."""
     while True:
         a, b = rng.randint(10, 99), rng.randint(0, 99)
         sub = rng.random() < 0.5
         if sub:
             a, b = max(a, b), min(a, b)
         if not split.heldout_pair(a, b):
-            return (f"{a} - {b}", a - b) if sub else (f"{a} + {b}", a + b)
+            return a, b, sub
+
+
+def whole_sum(rng: random.Random) -> tuple[str, int]:
+    """A training pair's sum or difference, the answer reasoning "none" writes directly."""
+    a, b, sub = training_pair(rng)
+    return (f"{a} - {b}", a - b) if sub else (f"{a} + {b}", a + b)
 
 
 def training_trace(rng: random.Random) -> tuple[str, str]:
     """A training pair's question (``79 + 13``) and the trace the curriculum writes for it."""
-    while True:
-        a, b = rng.randint(10, 99), rng.randint(0, 99)
-        if rng.random() < 0.5:
-            a, b = max(a, b), min(a, b)
-            if not split.heldout_pair(a, b):
-                return f"{a} - {b}", sub_trace(a, b)
-        elif not split.heldout_pair(a, b):
-            return f"{a} + {b}", add_trace(a, b)
+    a, b, sub = training_pair(rng)
+    return (f"{a} - {b}", sub_trace(a, b)) if sub else (f"{a} + {b}", add_trace(a, b))
 
 
 def _labelled_lines(lines: list[tuple[str, str]], encode: Encode) -> EncodedExample:

@@ -494,13 +494,13 @@ def _v1_tools(task: str, rng: random.Random) -> Example:
         ex = v1_make_example(task, rng)
         text = " ".join(str(m.get("content")) for m in ex.messages)
         if not any(split.heldout_number(int(n)) for n in re.findall(r"\d+", text) if int(n) >= 10):
-            tools = showcase_tools(rng, [ex.expected.get("name") or _called(ex)])
+            tools = showcase_tools(rng, [_called(ex)])
             return Example(f"v1_{task}", ex.messages, ex.assistant, ex.reasoning_effort, tools, ex.expected)
 
 
 def _called(ex: Example) -> str:
-    """The tool an example's conversation calls (a tool-answer example's earlier call)."""
-    return next(c["function"]["name"] for m in ex.messages for c in m.get("tool_calls") or [])
+    """The tool an example calls: in its target (a tool call) or earlier in its conversation (a tool answer)."""
+    return next(c["function"]["name"] for m in [*ex.messages, ex.assistant] for c in m.get("tool_calls") or [])
 
 
 _GENERATORS = {
