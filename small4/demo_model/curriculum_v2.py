@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import string
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -166,7 +167,10 @@ def _arith(task: str, rng: random.Random) -> Example:
     if effort == "high":
         assistant["reasoning_content"] = trace
     expected = {"answer": answer, "value": value, "pair": (a, b)}
-    return Example(task, [{"role": "user", "content": q}], assistant, effort, expected=expected)
+    messages = [{"role": "user", "content": q}]
+    if rng.random() < 0.15:
+        messages = earlier_turn(rng) + messages
+    return Example(task, messages, assistant, effort, expected=expected)
 
 
 # -- random tools ---------------------------------------------------------------------------------------------
@@ -192,10 +196,55 @@ def _tool_name(rng: random.Random) -> tuple[str, str | None, str | None]:
     return pseudo_word(rng), None, None
 
 
+def param_name(rng: random.Random) -> str:
+    """A parameter (or JSON key, or result key) name: mostly the training pool, else composed from it
+    (``book_id``, ``songTitle``) or a pseudo-word. D1, trained on the pool alone, copied values for its 25 names
+    and guessed for unseen ones: the key a value belongs to must be read from the prompt, not recalled."""
+    kind = rng.random()
+    if kind < 0.6:
+        return rng.choice(split.TRAIN_PARAMS)
+    if kind < 0.85:
+        noun, param = rng.choice(split.TRAIN_NOUNS), rng.choice(split.TRAIN_PARAMS)
+        return f"{noun}_{param}" if rng.random() < 0.6 else f"{noun}{param.capitalize()}"
+    return pseudo_word(rng)
+
+
+def param_names(rng: random.Random, n: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < n:
+        name = param_name(rng)
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def code_word(rng: random.Random) -> str:
+    """An upper-case code of 3-4 letters with a vowel (held-out symbols have none; its currencies are refused)."""
+    while True:
+        code = "".join(rng.choice(string.ascii_uppercase) for _ in range(rng.randint(3, 4)))
+        if set(code) & set("AEIOU") and split.is_training_word(code):
+            return code
+
+
+def enum_values(rng: random.Random) -> list[str]:
+    """Half the time a fixed training enum, else 2-4 values of one random kind: an enum answer is copied from
+    the prompt (D1, trained on four fixed enums, answered "currency as USD" with "GBP")."""
+    if rng.random() < 0.5:
+        return list(rng.choice(split.TRAIN_ENUMS))
+    draw = rng.choice((lambda: rng.choice(split.TRAIN_VALUES), lambda: pseudo_word(rng), lambda: code_word(rng)))
+    n = rng.randint(2, 4)
+    values: list[str] = []
+    while len(values) < n:
+        v = draw()
+        if v not in values:
+            values.append(v)
+    return values
+
+
 def _param_schema(rng: random.Random) -> dict[str, Any]:
     kind = rng.choices(("string", "integer", "number", "boolean", "enum"), (40, 25, 10, 10, 15))[0]
     if kind == "enum":
-        return {"type": "string", "enum": list(rng.choice(split.TRAIN_ENUMS))}
+        return {"type": "string", "enum": enum_values(rng)}
     return {"type": kind}
 
 
@@ -205,7 +254,7 @@ def random_tool(rng: random.Random, taken: set[str]) -> tuple[dict[str, Any], st
         name, verb, noun = _tool_name(rng)
         if name not in taken:
             break
-    params = rng.sample(split.TRAIN_PARAMS, rng.choices((1, 2, 3, 4), (30, 35, 25, 10))[0])
+    params = param_names(rng, rng.choices((1, 2, 3, 4), (30, 35, 25, 10))[0])
     props = {p: _param_schema(rng) for p in params}
     for p, schema in props.items():
         if rng.random() < 0.3:
@@ -243,12 +292,21 @@ def training_int(rng: random.Random) -> int:
 
 
 def _string_value(rng: random.Random) -> str:
+    """A string argument: pool words, pseudo-words, two words, an e-mail address, a code (the kinds a user
+    writes; every one copied token by token, none recalled)."""
     kind = rng.random()
-    if kind < 0.55:
+    if kind < 0.4:
         return rng.choice(split.TRAIN_VALUES)
-    if kind < 0.85:
+    if kind < 0.65:
         return pseudo_word(rng).capitalize() if rng.random() < 0.5 else pseudo_word(rng)
-    return f"{rng.choice(split.TRAIN_VALUES).lower()} {pseudo_word(rng)}"
+    if kind < 0.75:
+        return f"{rng.choice(split.TRAIN_VALUES).lower()} {pseudo_word(rng)}"
+    if kind < 0.85:
+        first, second = rng.sample(split.TRAIN_VALUES, 2)
+        return f"{first.lower()} {second.lower()}"
+    if kind < 0.93:
+        return f"{rng.choice(split.TRAIN_VALUES).lower()}@{pseudo_word(rng)}.{rng.choice(('com', 'net', 'io'))}"
+    return code_word(rng)
 
 
 def _value(rng: random.Random, schema: dict[str, Any]) -> tuple[Any, str]:
@@ -261,6 +319,9 @@ def _value(rng: random.Random, schema: dict[str, Any]) -> tuple[Any, str]:
         n = training_int(rng)
         return n, str(n)
     if kind == "number":
+        if rng.random() < 0.35:  # a whole number is a number too (held-out amounts are)
+            n = training_int(rng)
+            return n, str(n)
         x = training_int(rng) % 1000 + rng.choice((0.5, 0.25, 0.75, 0.1))
         return x, str(x)
     if kind == "boolean":
@@ -337,11 +398,19 @@ def _tool_result(rng: random.Random, args: dict[str, Any]) -> tuple[str, str, li
     if rng.random() < 0.3:
         v = str(training_int(rng)) if rng.random() < 0.5 else _string_value(rng)
         return v, f"The result is {v}.", [v]
-    keys = rng.sample(RESULT_KEYS, rng.randint(1, 3))
+    keys = _result_keys(rng, rng.randint(1, 3))
     values = [training_int(rng) if rng.random() < 0.5 else _string_value(rng) for _ in keys]
     result = json.dumps(dict(zip(keys, values, strict=True)))
     answer = ", ".join(f"{k} is {v}" for k, v in zip(keys, values, strict=True))
     return result, answer[0].upper() + answer[1:] + ".", [str(v) for v in values]
+
+
+def _result_keys(rng: random.Random, n: int) -> list[str]:
+    """Result keys: the usual ones half the time, else any names (a result is read back whatever it calls its
+    values)."""
+    if rng.random() < 0.5:
+        return rng.sample(RESULT_KEYS, n)
+    return param_names(rng, n)
 
 
 def _round_trip(rng: random.Random, tools: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str, list[str]]:
@@ -376,7 +445,7 @@ def _tool_answer(rng: random.Random) -> Example:
 
 
 def _json(rng: random.Random) -> Example:
-    keys = rng.sample(split.TRAIN_PARAMS, rng.choices((1, 2, 3), (35, 40, 25))[0])
+    keys = param_names(rng, rng.choices((1, 2, 3), (35, 40, 25))[0])
     props = {k: _param_schema(rng) for k in keys}
     obj, spoken = {}, []
     for k, schema in props.items():
@@ -388,19 +457,35 @@ def _json(rng: random.Random) -> Example:
     return Example("json", [{"role": "user", "content": q}], assistant, expected={"schema": schema, "object": obj})
 
 
-def _chat(rng: random.Random) -> Example:
+def _chat_turn(rng: random.Random) -> tuple[str, str, str]:
+    """A greeting, capital or fact question, its answer and its short trace."""
     kind = rng.random()
     if kind < 0.4:
         q, answer = rng.choice(TRAIN_GREETINGS)
-        trace = rng.choice(GREETING_TRACES)
-    elif kind < 0.8:
+        return q, answer, rng.choice(GREETING_TRACES)
+    if kind < 0.8:
         country = rng.choice(tuple(CAPITALS))
         q = rng.choice(CAPITAL_TEMPLATES).format(c=country)
-        answer = f"The capital of {country} is {CAPITALS[country]}."
-        trace = f"The question is about {country}. Its capital is {CAPITALS[country]}."
+        capital = CAPITALS[country]
+        trace = f"The question is about {country}. Its capital is {capital}."
+        return q, f"The capital of {country} is {capital}.", trace
+    q, answer = rng.choice(FACTS)
+    return q, answer, f"A simple fact: {answer}"
+
+
+def earlier_turn(rng: random.Random) -> list[dict[str, Any]]:
+    """A finished exchange (chat or a sum) to put before the question: the answer to the last question is what
+    counts, whatever came before (D1 skipped its [THINK] in a second turn and wrote junk)."""
+    if rng.random() < 0.5:
+        q, answer, _ = _chat_turn(rng)
     else:
-        q, answer = rng.choice(FACTS)
-        trace = f"A simple fact: {answer}"
+        a, b = _operands(rng, sub=False)
+        q, answer = rng.choice(ADD_TEMPLATES).format(a=a, b=b), f"{a} + {b} = {a + b}."
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
+
+
+def _chat(rng: random.Random) -> Example:
+    q, answer, trace = _chat_turn(rng)
     effort = _effort(rng)
     assistant: dict[str, Any] = {"role": "assistant", "content": answer}
     if effort == "high":
@@ -408,7 +493,10 @@ def _chat(rng: random.Random) -> Example:
     tools = None
     if rng.random() < 0.3:  # tools on offer and none needed: answer in words (half of them the showcase tools)
         tools = showcase_tools(rng, []) if rng.random() < 0.5 else _random_tools(rng, rng.randint(1, 3))
-    return Example("chat", [{"role": "user", "content": q}], assistant, effort, tools, {"answer": answer})
+    messages = [{"role": "user", "content": q}]
+    if rng.random() < 0.25:
+        messages = earlier_turn(rng) + messages
+    return Example("chat", messages, assistant, effort, tools, {"answer": answer})
 
 
 def count_image(colour: str, shape: str, n: int, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:

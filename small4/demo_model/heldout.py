@@ -73,7 +73,6 @@ ASK_COLOUR = ("Name the colour of the shape.", "What colour do you see?")
 ASK_SHAPE = ("Name the shape.", "What kind of shape is drawn?")
 ASK_COUNT = ("How many objects can you see?", "What is the number of shapes?")
 MONTHS = ("March", "June", "August", "October")
-RESULT_KEYS = ("outlook", "fare", "rate", "translation", "seats", "confirmation")
 BOOL_SAY = {True: "yes", False: "no"}
 
 
@@ -90,13 +89,13 @@ TOOLS = {
     "convert_currency": _fn(
         "convert_currency",
         "Convert money",
-        {"amount": _N, "currency": {"type": "string", "enum": ["USD", "EUR", "JPY", "GBP"]}},
+        {"amount": _N, "currency": {"type": "string", "enum": list(split.HELDOUT_CURRENCIES)}},
         ["amount", "currency"],
     ),
     "translate_phrase": _fn(
         "translate_phrase",
         "Translate a sentence",
-        {"sentence": _S, "language": {"type": "string", "enum": ["French", "German", "Spanish"]}},
+        {"sentence": _S, "language": {"type": "string", "enum": list(split.HELDOUT_LANGUAGES)}},
         ["sentence", "language"],
     ),
     "get_forecast": _fn("get_forecast", "Weather forecast", {"location": _S, "days": _I}, ["location", "days"]),
@@ -232,7 +231,7 @@ def _tool_answer_case(rng: random.Random) -> Case:
     named = _tool_named_case(rng)
     call_id = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(9))
     fn = {"name": named.expected["name"], "arguments": json.dumps(named.expected["arguments"])}
-    keys = rng.sample(RESULT_KEYS, rng.randint(1, 2))
+    keys = rng.sample(split.HELDOUT_RESULT_KEYS, rng.randint(1, 2))
     result = {k: heldout_int(rng) if rng.random() < 0.5 else rng.choice(split.HELDOUT_VALUES) for k in keys}
     messages = [
         *named.request["messages"],

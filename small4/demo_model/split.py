@@ -8,7 +8,8 @@ held-out numbers measure generalisation, not recall:
   pair: the model must add, not remember);
 * tool-argument integers: ``heldout_number(n)`` (about one in eleven from 10 up); training never writes one,
   held-out arguments of two or more digits are only such numbers;
-* words: tool names, parameter names, string values, JSON keys and greetings of the held-out generator come from
+* words: tool names, parameter names, string and enum values, result keys, JSON keys and greetings of the
+  held-out generator come from
   lists that share no entry with the training lists, nor with the v1 curriculum's (``calculator``,
   ``get_weather``, its cities), which the shipped model was trained on.
 
@@ -61,6 +62,9 @@ HELDOUT_PARAMS = (
     "location", "days", "destination", "origin", "amount", "currency", "language", "sentence", "symbol",
     "quantity", "guests", "date", "formula", "product", "email", "urgent", "radius", "topic", "passengers",
 )  # fmt: skip
+HELDOUT_CURRENCIES = ("USD", "EUR", "JPY", "GBP")  # held-out enum values
+HELDOUT_LANGUAGES = ("French", "German", "Spanish")
+HELDOUT_RESULT_KEYS = ("outlook", "fare", "rate", "translation", "seats", "confirmation")
 HELDOUT_TOOL_NAMES = (
     "search_flights", "convert_currency", "translate_phrase", "get_forecast", "solve_formula", "reserve_table",
     "quote_share", "mail_contact",
@@ -72,6 +76,9 @@ def is_training_word(word: str) -> bool:
     return word.lower() not in _HELDOUT_LOWER
 
 
-_HELDOUT_LOWER = {w.lower() for w in (*HELDOUT_VALUES, *HELDOUT_PARAMS, *HELDOUT_TOOL_NAMES)} | {
+_HELDOUT_WORDS = (
+    *HELDOUT_VALUES, *HELDOUT_PARAMS, *HELDOUT_TOOL_NAMES, *HELDOUT_CURRENCIES, *HELDOUT_LANGUAGES, *HELDOUT_RESULT_KEYS
+)  # fmt: skip
+_HELDOUT_LOWER = {w.lower() for w in _HELDOUT_WORDS} | {
     part for name in HELDOUT_TOOL_NAMES for part in name.split("_") if part != "get"
 }

@@ -613,7 +613,7 @@ def evaluate(model_dir: Path, seed: int, per_task: int, progress: bool = True) -
         for k, v in checks.items():
             results[k].append(bool(v))
         if len([s for s in samples if s["task"] == ex.task]) < 3:
-            question = ex.messages[0]["content"]
+            question = next(m for m in reversed(ex.messages) if m["role"] == "user")["content"]
             if not isinstance(question, str):
                 question = "<image> " + question[-1]["text"]
             samples.append(

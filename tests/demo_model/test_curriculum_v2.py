@@ -280,6 +280,26 @@ def test_v2_tool_calls_copy_their_arguments_from_the_prompt() -> None:
                 assert str(value) in prompt, (value, prompt)
 
 
+def test_v2_names_enums_and_turns_reach_beyond_the_pools() -> None:
+    """Parameter names and enum values are not only the fixed pools (a model trained on those recalled, and gave
+    held-out tools the wrong enum value); some chats and sums follow an earlier finished exchange."""
+    rng = random.Random(1)
+    params: set[str] = set()
+    enums: set[tuple] = set()
+    for _ in range(400):
+        for tool in v2.make_example("tool_call", rng).tools:
+            props = tool["function"]["parameters"]["properties"]
+            params.update(props)
+            enums.update(tuple(s["enum"]) for s in props.values() if "enum" in s)
+    assert set(split.TRAIN_PARAMS) < params and len(params - set(split.TRAIN_PARAMS)) > 100
+    assert set(split.TRAIN_ENUMS) < enums and len(enums - set(split.TRAIN_ENUMS)) > 20
+    for task, lo, hi in (("chat", 25, 80), ("add", 8, 50)):
+        examples = [v2.make_example(task, rng) for _ in range(200)]
+        earlier = [ex.messages for ex in examples if len(ex.messages) == 3]
+        assert lo < len(earlier) < hi
+        assert all([m["role"] for m in msgs] == ["user", "assistant", "user"] for msgs in earlier)
+
+
 def test_v2_micro_training_lowers_loss(tmp_path: Path) -> None:
     torch.manual_seed(0)
     spec = micro_spec()
