@@ -54,6 +54,13 @@ tokens) with share 0.15 / 0.30: add 0.55 / 0.58 without reasoning (v1: 0.08), 0.
 0.70; tool calls with the right arguments 0.03 / 0.08, tool answers 0.13; image colour 0.68 / 0.78 but shape
 and description 0.00-0.10 (v1: 0.43 / 0.48). Not shipped: the image regression, and far from the thresholds.
 
+Session 10 continued the shipped D1 105 minutes (~24k steps, one thread each, lr 1e-3 / 2e-3) on parameter,
+key and enum names beyond the fixed pools and earlier finished turns (``trials/v7-*``, the 1e-3 weights in
+``trials/candidate-e1``). Held-out seed 1000, lr 1e-3 against D1: unseen tools with the right arguments 0.30
+(0.18), json values 0.70 (0.50), add / sub without a trace 0.90 / 0.70 (0.80 / 0.53), counting 0.60 (0.20), a
+right second turn; but with a trace 0.35 / 0.48 (0.75 / 0.63: tens digits miscopied into the trace), tool
+answers 0.33 (0.38), high-effort chat 0.83 (0.90). lr 2e-3 was worse on most skills. Not shipped: no clear gain.
+
 A 20-minute trial of v2 on ``small`` (``--size small --minutes 20``, one thread, ``nice -n 10`` on the busy
 session machine) is what the README's comparison of the two curricula quotes.
 """
