@@ -59,7 +59,9 @@ key and enum names beyond the fixed pools and earlier finished turns (``trials/v
 ``trials/candidate-e1``). Held-out seed 1000, lr 1e-3 against D1: unseen tools with the right arguments 0.30
 (0.18), json values 0.70 (0.50), add / sub without a trace 0.90 / 0.70 (0.80 / 0.53), counting 0.60 (0.20), a
 right second turn; but with a trace 0.35 / 0.48 (0.75 / 0.63: tens digits miscopied into the trace), tool
-answers 0.33 (0.38), high-effort chat 0.83 (0.90). lr 2e-3 was worse on most skills. Not shipped: no clear gain.
+answers 0.33 (0.38), high-effort chat 0.83 (0.90). lr 2e-3 was worse on most skills. Not shipped: no clear
+gain. Twenty more minutes from E1 with ``--arith-drill-share 0.3`` (lr 5e-4 / 1e-3, ``trials/v7-e1-*``) did
+not bring the traces back (sums with a trace 0.33 / 0.30) and lost tool answers (0.28 / 0.15).
 
 A 20-minute trial of v2 on ``small`` (``--size small --minutes 20``, one thread, ``nice -n 10`` on the busy
 session machine) is what the README's comparison of the two curricula quotes.
