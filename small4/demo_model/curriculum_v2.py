@@ -33,6 +33,7 @@ import json
 import random
 import re
 import string
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -209,13 +210,18 @@ def param_name(rng: random.Random) -> str:
     return pseudo_word(rng)
 
 
+def _distinct(draw: Callable[[], str], n: int) -> list[str]:
+    """``n`` different values of ``draw()``, in the order first drawn."""
+    values: list[str] = []
+    while len(values) < n:
+        v = draw()
+        if v not in values:
+            values.append(v)
+    return values
+
+
 def param_names(rng: random.Random, n: int) -> list[str]:
-    names: list[str] = []
-    while len(names) < n:
-        name = param_name(rng)
-        if name not in names:
-            names.append(name)
-    return names
+    return _distinct(lambda: param_name(rng), n)
 
 
 def code_word(rng: random.Random) -> str:
@@ -232,13 +238,7 @@ def enum_values(rng: random.Random) -> list[str]:
     if rng.random() < 0.5:
         return list(rng.choice(split.TRAIN_ENUMS))
     draw = rng.choice((lambda: rng.choice(split.TRAIN_VALUES), lambda: pseudo_word(rng), lambda: code_word(rng)))
-    n = rng.randint(2, 4)
-    values: list[str] = []
-    while len(values) < n:
-        v = draw()
-        if v not in values:
-            values.append(v)
-    return values
+    return _distinct(draw, rng.randint(2, 4))
 
 
 def _param_schema(rng: random.Random) -> dict[str, Any]:

@@ -9,9 +9,8 @@ held-out numbers measure generalisation, not recall:
 * tool-argument integers: ``heldout_number(n)`` (about one in eleven from 10 up); training never writes one,
   held-out arguments of two or more digits are only such numbers;
 * words: tool names, parameter names, string and enum values, result keys, JSON keys and greetings of the
-  held-out generator come from
-  lists that share no entry with the training lists, nor with the v1 curriculum's (``calculator``,
-  ``get_weather``, its cities), which the shipped model was trained on.
+  held-out generator come from lists that share no entry with the training lists, nor with the v1 curriculum's
+  (``calculator``, ``get_weather``, its cities), which the shipped model was trained on.
 
 ``is_training_word`` is how the training generator refuses a random pseudo-word that happens to be a held-out one.
 """
