@@ -11,60 +11,18 @@ After training the weights are saved in bf16 under the HF names (``config.json``
 through the real ``Engine`` and ``chat.parse.OutputParser``; ``training_log.json`` records config, losses,
 accuracies and wall time, and ``loss.png`` the loss curve (drawn with PIL).
 
-Two curricula (``--curriculum``): ``v1`` (``curriculum.py``, the shipped checkpoint's; evaluated in distribution
+Two curricula (``--curriculum``): ``v1`` (``curriculum.py``, the first shipped model's; evaluated in distribution
 into ``accuracy``) and ``v2`` (``curriculum_v2.py``, issue 17: random tools and schemas, carries, high-effort chat;
 evaluated after training by the held-out generator through the real server into ``heldout_v2``, as
-``small4 eval-demo`` does). Two sizes (``--size``): ``small`` (``demo_spec``, 2M parameters, the shipped shapes)
-and ``large`` (``large_spec``, 10M parameters, six shards of at most 4 MiB; a CPU step costs ~5x the small
-one's, see ``large_spec``). ``--minutes`` bounds the wall time (the cosine schedule then runs on elapsed
-time, so a slow machine still ends with a decayed learning rate).
+``small4 eval-demo`` does). Sizes (``--size``): ``small`` (``demo_spec``, 2M parameters), ``copy`` (its shapes
+with the spaceless tokenizer and a 256-position rope window: the shipped model), ``large`` (``large_spec``, 10M
+parameters, six shards of at most 4 MiB; a CPU step costs ~5x the small one's) and ``micro`` (tests).
+``--minutes`` bounds the wall time (the cosine schedule then runs on elapsed time, so a slow machine still ends
+with a decayed learning rate).
 
-The shipped checkpoint is v1 on ``small``, two phases (the second continues the first with a fresh optimizer; its
-log nests the first's), about 95 minutes on one CPU core::
-
-    small4 train-demo --curriculum v1 --size small --out /tmp/phase1 --steps 12000 --threads 1
-    small4 train-demo --curriculum v1 --size small --init-from /tmp/phase1 --seed 1 --steps 7000 --lr 1e-3 \
-        --threads 1
-
-Its successor is not trained yet (issue 17). Tried so far, held-out rates in ``trials/`` and below::
-
-    small4 train-demo --curriculum v2 --size large --out /tmp/demo-v2 --minutes 108 --steps 40000 --lr 2e-3 \
-        --threads 1
-
-3772 steps: chat, capitals and high-effort chat 1.00, json_schema 0.88, but nothing copied from the prompt (add /
-sub 0.00, tool calls with the right arguments 0.00, json values 0.10). Fine-tuning the shipped v1 model on v2
-(``--size small --init-from small4/demo_model/checkpoint --minutes 22 --lr 1e-3``, ~4500 steps) gives the same
-pattern (add 0.20 / 0.00 with reasoning, tool arguments 0.00). What the next attempt needs is copying: the small
-size's speed (~4x the steps) and far more steps than either run had.
-
-Session 6 added copy drills (``copy_drill.py``, ``--copy-drill-steps/--copy-drill-tokens/--copy-drill-share``)
-and ran two 72-minute small v2 runs side by side, one core each (``trials/v3-*``, ~14k steps). With 2500 drill
-steps the induction circuit formed (drill repeat loss 7.6 -> 0.02) and the in-distribution losses fell below the
-large run's (tool_call 0.32, echo 0.33), but held-out copying still did not transfer: add/sub 0.00-0.03, tool
-calls with the right arguments 0.00, tool answer 0.10, json values 0.23; greeting 1.00, chat_high 0.88. With
-4000 drill steps the circuit never formed and the held-out rates are alike. Not shipped.
-
-Session 7 added the spaceless tokenizer and the 256-position rope window (``--size copy``, ``trials/v4-*``): tool
-names 0.70, capitals 0.78, json_schema 0.75, chat_high 0.88, but arithmetic 0.00 (the traces copied the right
-digits and got the single-digit facts wrong: "Units: 9 + 3 = 10"). Session 8 added ``arith_drill.py``
-(``--arith-drill-share``) and ran two 85-minute copy-spec runs side by side, one core each, ~14k steps,
-``--copy-drill-steps 2500 --copy-drill-share 0.25 --lr 3e-3`` (``trials/v5-*``); held-out (seed 1000, 128
-tokens) with share 0.15 / 0.30: add 0.55 / 0.58 without reasoning (v1: 0.08), 0.00 / 0.13 with it; sub 0.25 /
-0.35 and 0.03 / 0.00; json_schema 0.95 / 0.85, json values 0.45 / 0.50, chat_high 0.90 / 0.55, capitals 0.88 /
-0.70; tool calls with the right arguments 0.03 / 0.08, tool answers 0.13; image colour 0.68 / 0.78 but shape
-and description 0.00-0.10 (v1: 0.43 / 0.48). Not shipped: the image regression, and far from the thresholds.
-
-Session 10 continued the shipped D1 105 minutes (~24k steps, one thread each, lr 1e-3 / 2e-3) on parameter,
-key and enum names beyond the fixed pools and earlier finished turns (``trials/v7-*``, the 1e-3 weights in
-``trials/candidate-e1``). Held-out seed 1000, lr 1e-3 against D1: unseen tools with the right arguments 0.30
-(0.18), json values 0.70 (0.50), add / sub without a trace 0.90 / 0.70 (0.80 / 0.53), counting 0.60 (0.20), a
-right second turn; but with a trace 0.35 / 0.48 (0.75 / 0.63: tens digits miscopied into the trace), tool
-answers 0.33 (0.38), high-effort chat 0.83 (0.90). lr 2e-3 was worse on most skills. Not shipped: no clear
-gain. Twenty more minutes from E1 with ``--arith-drill-share 0.3`` (lr 5e-4 / 1e-3, ``trials/v7-e1-*``) did
-not bring the traces back (sums with a trace 0.33 / 0.30) and lost tool answers (0.28 / 0.15).
-
-A 20-minute trial of v2 on ``small`` (``--size small --minutes 20``, one thread, ``nice -n 10`` on the busy
-session machine) is what the README's comparison of the two curricula quotes.
+The shipped checkpoint is v2 on ``copy``, trained in four phases with ``--init-from`` while the curriculum grew
+(213 minutes on one thread; every phase's settings are nested in its ``training_log.json``). The runs that were
+not shipped keep their logs in ``trials/``, whose README tabulates them and what they showed.
 """
 
 from __future__ import annotations
