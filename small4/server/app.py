@@ -9,6 +9,7 @@ thread is joined and the process exits 0).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
         status = 200 if ctx.engine.healthy else 503
         return JSONResponse({"status": "ok" if status == 200 else "unhealthy"}, status_code=status)
 
+    @app.get("/version")
+    async def version() -> JSONResponse:  # vLLM's probe: open like /health
+        return JSONResponse({"version": _package_version()})
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         card = model_card(ctx, chat.renderer.reasoning_efforts)
@@ -101,3 +106,11 @@ def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
         SizeLimitMiddleware, max_bytes=ctx.limits.max_body_bytes, max_header_bytes=ctx.limits.max_header_bytes
     )
     return app
+
+
+def _package_version() -> str:
+    """The installed small4's version; "unknown" when it runs from a source tree on PYTHONPATH (the GPU image)."""
+    try:
+        return importlib.metadata.version("small4")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

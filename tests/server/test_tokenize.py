@@ -1,7 +1,9 @@
-"""/tokenize and /detokenize (vLLM's shapes) over loopback: counts agree with what the generation endpoints bill,
-and token ids read back as the text they came from."""
+"""/tokenize, /detokenize and /version (vLLM's shapes) over loopback: counts agree with what the generation
+endpoints bill, and token ids read back as the text they came from."""
 
 from __future__ import annotations
+
+import importlib.metadata
 
 import httpx
 import pytest
@@ -64,3 +66,9 @@ def test_completions_usage_counts_prefix_cache_hits(server):
     again = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=1)
     assert first.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens_details.cached_tokens
     assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+
+
+def test_version_is_the_installed_package_and_needs_no_key(server):
+    r = httpx.get(f"{server.base_url}/version", timeout=30)
+    assert r.status_code == 200
+    assert r.json() == {"version": importlib.metadata.version("small4")}
