@@ -58,9 +58,11 @@ def build_app(ctx: ServerContext, options: AppOptions) -> FastAPI:
         status = 200 if ctx.engine.healthy else 503
         return JSONResponse({"status": "ok" if status == 200 else "unhealthy"}, status_code=status)
 
+    version_body = {"version": _package_version()}  # read once: the metadata lookup scans sys.path
+
     @app.get("/version")
     async def version() -> JSONResponse:  # vLLM's probe: open like /health
-        return JSONResponse({"version": _package_version()})
+        return JSONResponse(version_body)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
